@@ -1,0 +1,87 @@
+"""The ``shoal`` command: exit 0 ok, 1 error, 2 usage (as Linkerd's CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shoal import __version__
+from shoal.kernel.config import default_state_dir
+
+app = typer.Typer(no_args_is_help=True, add_completion=True,
+                  help="Shoal: a service mesh whose control plane runs on NATS.",
+                  pretty_exceptions_enable=False)
+schema_app = typer.Typer(no_args_is_help=True, help="The wire contract.")
+app.add_typer(schema_app, name="schema")
+
+StateDir = Annotated[Path | None, typer.Option(
+    "--state-dir", envvar="SHOAL_STATE_DIR",
+    help="where the bus keeps its data (default ~/.local/state/shoal)")]
+
+
+def console() -> Console:
+    return Console(stderr=False)
+
+
+def fail(message: str) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print Shoal's version."""
+    print(f"shoal {__version__}")
+
+
+@app.command()
+def up(
+    state_dir: StateDir = None,
+    nats_port: Annotated[int, typer.Option(help="NATS client port (-1: any free port)")] = -1,
+) -> None:
+    """Start the bus (NATS with JetStream) and the control plane on this machine."""
+    from .up import run_up
+
+    status = asyncio.run(run_up(state_dir or default_state_dir(), console(), nats_port))
+    raise typer.Exit(status)
+
+
+@app.command()
+def demo(
+    state_dir: StateDir = None,
+    nats_port: Annotated[int, typer.Option(help="NATS client port (-1: any free port)")] = -1,
+) -> None:
+    """Shoal's main job on one machine: the bus and the control plane (the meshed demo
+    application and the dashboard join it as they land)."""
+    from .up import run_up
+
+    status = asyncio.run(run_up(state_dir or default_state_dir(), console(), nats_port))
+    raise typer.Exit(status)
+
+
+@schema_app.command("export")
+def schema_export(directory: Path) -> None:
+    """Write the JSON Schema of every bus message into DIRECTORY."""
+    from shoal.schemas.contract import json_schemas
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for file_name, text in json_schemas().items():
+        (directory / file_name).write_bytes(text)
+    print(f"wrote {len(json_schemas())} schemas to {directory}")
+
+
+from . import policy as _policy  # noqa: E402  (registers `shoal policy`)
+
+app.add_typer(_policy.app, name="policy")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""The policy service: validates policy documents and stores good ones with a version."""
