@@ -85,7 +85,9 @@ class Supervisor:
             credentials = read_bus_file(self.state_dir).credentials  # stable across restarts
         self.nats = EmbeddedNats(state_dir=self.state_dir, credentials=credentials,
                                  port=self.nats_port)
-        url = await asyncio.to_thread(self.nats.start)
+        # started from this (the main) thread: PR_SET_PDEATHSIG is tied to the forking
+        # thread, and a pool thread could exit and take nats-server with it
+        url = self.nats.start()
         self.bus = BusFile(url=url, credentials=credentials, pid=os.getpid())
         write_bus_file(self.state_dir, self.bus)
         operator = self.settings("operator")

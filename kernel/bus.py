@@ -85,7 +85,8 @@ async def connect(
         "name": name,
         "connect_timeout": connect_timeout,
         "allow_reconnect": allow_reconnect,
-        "max_reconnect_attempts": -1,
+        # nats-py retries the first connect too; 1 makes a one-shot client give up fast
+        "max_reconnect_attempts": -1 if allow_reconnect else 1,
         "reconnect_time_wait": RECONNECT_WAIT_SECONDS,
         "ping_interval": PING_INTERVAL_SECONDS,
         "max_outstanding_pings": MAX_OUTSTANDING_PINGS,

@@ -90,3 +90,15 @@ def json_schemas() -> dict[str, bytes]:
         text = msgspec.json.format(msgspec.json.encode(schema, order="sorted"), indent=2)
         out[f"{name}.json"] = text + b"\n"
     return out
+
+
+def markdown_table() -> str:
+    """The contract table as docs/bus-contract.md shows it (a test keeps them equal)."""
+    lines = [
+        "| name | kind | writer | readers | message |",
+        "|---|---|---|---|---|",
+    ]
+    for row in CONTRACT:
+        lines.append(f"| `{row.name}` | {row.kind} | {row.writer} | {row.readers} | "
+                     f"{row.message} |")
+    return "\n".join(lines) + "\n"

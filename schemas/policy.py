@@ -55,7 +55,7 @@ class Authorization(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     limit: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
-    on: list[RetryCondition] = msgspec.field(default_factory=lambda: ["5xx"])
+    retry_on: list[RetryCondition] = msgspec.field(default_factory=lambda: ["5xx"])
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
     non_idempotent: bool = False  # retry POST and friends too
     budget_ratio: Fraction = 0.2

@@ -107,6 +107,7 @@ class ServiceRuntime:
         description: str = "",
         health_port: int | None = None,
         create_buckets: bool = True,
+        handle_signals: bool = True,
     ) -> None:
         self.name = name
         self.version = version
@@ -114,6 +115,7 @@ class ServiceRuntime:
         self.description = description
         self.health_port = health_port
         self.create_buckets = create_buckets
+        self.handle_signals = handle_signals
         self._endpoints: list[RequestEndpoint[Any]] = []
         self._subscriptions: list[tuple[str, str | None, MessageFn]] = []
         self._tasks: list[TaskFn] = []
@@ -185,9 +187,10 @@ class ServiceRuntime:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._stop.set)
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self._stop.set)
         health = await self._start_health()
         nc = await connect(self.settings, f"shoal-{self.name}")
         try:
