@@ -29,6 +29,17 @@ STOP_TIMEOUT_SECONDS = 10.0
 MAX_PAYLOAD_BYTES = 1024 * 1024  # NATS default; metrics reports are capped well below
 
 
+TLS_HANDSHAKE_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The server's certificate chain and key (PEM files): clients then use tls://."""
+
+    cert_file: Path
+    key_file: Path
+
+
 class NatsServerNotFound(RuntimeError):
     pass
 
@@ -63,6 +74,7 @@ def server_config(
     ports_dir: Path,
     credentials: dict[str, RoleCredentials],
     server_name: str = "shoal-embedded",
+    tls: TlsFiles | None = None,
 ) -> dict[str, Any]:
     users = []
     for role in ROLES:
@@ -83,7 +95,7 @@ def server_config(
                 "allow_responses": True,
             },
         })
-    return {
+    config: dict[str, Any] = {
         "server_name": server_name,
         "host": host,
         "port": port,
@@ -93,6 +105,10 @@ def server_config(
         "jetstream": {"store_dir": str(store_dir)},
         "authorization": {"users": users},
     }
+    if tls is not None:
+        config["tls"] = {"cert_file": str(tls.cert_file), "key_file": str(tls.key_file),
+                         "timeout": TLS_HANDSHAKE_TIMEOUT_SECONDS}
+    return config
 
 
 @dataclass
@@ -104,6 +120,7 @@ class EmbeddedNats:
     host: str = "127.0.0.1"
     port: int = -1  # -1: a free port chosen by the server
     log_path: Path | None = None
+    tls: TlsFiles | None = None
     url: str = field(default="", init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
@@ -117,7 +134,8 @@ class EmbeddedNats:
             stale.unlink()
         config_path = nats_dir / "nats-server.json"
         config = server_config(host=self.host, port=self.port, store_dir=store_dir,
-                               ports_dir=ports_dir, credentials=self.credentials)
+                               ports_dir=ports_dir, credentials=self.credentials,
+                               tls=self.tls)
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(config, handle, indent=2)
@@ -146,7 +164,8 @@ class EmbeddedNats:
             if ports_file.exists():
                 with contextlib.suppress(ValueError):
                     ports = json.loads(ports_file.read_text())
-                    return str(ports["nats"][0])
+                    url = str(ports["nats"][0])
+                    return url.replace("nats://", "tls://", 1) if self.tls else url
             time.sleep(0.02)
         self.stop()
         raise NatsServerFailed(f"nats-server did not start within {START_TIMEOUT_SECONDS}s")
@@ -169,6 +188,11 @@ class EmbeddedNats:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def restart(self) -> str:
+        """Start again on the same port (after ``stop`` or ``kill``), keeping the store."""
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self.start()
 
     def kill(self) -> None:
         """Stop abruptly, as a crash would (for fail-static tests)."""
