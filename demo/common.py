@@ -33,8 +33,8 @@ ENV_VOTING_HOST = "VOTINGSVC_HOST"
 ENV_WEB_HOST = "WEB_HOST"
 ENV_LOG_LEVEL = "SHOAL_LOG_LEVEL"
 
-# The variables through which clients find a proxy (upper and lower case are both read
-# by grpcio and urllib); the unmeshed launcher removes them so loopback calls go direct.
+# The variables through which clients find a proxy (grpcio reads the lower-case ones,
+# urllib both cases); the unmeshed launcher removes them so loopback calls go direct.
 PROXY_VARIABLES = ("grpc_proxy", "http_proxy", "https_proxy",
                    "GRPC_PROXY", "HTTP_PROXY", "HTTPS_PROXY")
 

@@ -46,6 +46,10 @@ WRITE_TIMEOUT_SECONDS = 10.0
 # Requests parsed ahead of the one being answered (pipelining); past this the peer gets
 # 429 and the connection is closed: no real client pipelines deeper than a handful.
 MAX_PIPELINED_REQUESTS = 16
+# Connections served at once; one more is answered 503 and closed. Below the usual 1024
+# soft limit on open files, and far beyond what the demo's traffic (a bot at 1 round/s, a
+# browser, a benchmark's few dozen connections) opens.
+MAX_CONNECTIONS = 1000
 # On stop, requests in progress get this long to finish before connections are cut.
 STOP_GRACE_SECONDS = 2.0
 
@@ -188,6 +192,12 @@ class HttpServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= MAX_CONNECTIONS:
+            with contextlib.suppress(Exception):
+                await self._write(writer, render(
+                    error_response(503, "too many connections"), False, False))
+            writer.close()
+            return
         self._connections.add(task)
         try:
             await self._serve(reader, writer, task)

@@ -6,11 +6,12 @@ The generated ``*_pb2_grpc`` modules are untyped (mypy treats them as ``Any``); 
 (``catalog.Emoji``, ``(shortcode, votes)`` pairs) and one named error, ``RpcFailure``.
 
 Proxies: clients are plain ``grpc.aio`` channels, so grpcio's own proxy support applies.
-grpcio reads ``grpc_proxy``, then ``https_proxy``, then ``http_proxy`` (and skips hosts in
-``no_grpc_proxy`` / ``no_proxy``), and reaches the target through an HTTP CONNECT to that
-proxy, sending the target's name unresolved (``CONNECT emoji.emojivoto:8080``). That is
-what the mesh relies on: ``shoal run`` sets ``grpc_proxy`` to the local outbound proxy
-and web needs no change.
+grpcio (its C core's http_proxy mapper) reads ``grpc_proxy``, then ``https_proxy``, then
+``http_proxy`` (lower case only; ``http://`` proxies only; an empty value means none),
+skips hosts in ``no_grpc_proxy`` / ``no_proxy``, and reaches the target through an HTTP
+CONNECT to that proxy naming the target unresolved (``CONNECT emoji.emojivoto:8080``,
+port 443 added when the target has none). That is what the mesh relies on: ``shoal
+run`` sets ``grpc_proxy`` to the local outbound proxy and web needs no change.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ RPC_TIMEOUT_SECONDS = 5.0
 # On SIGTERM a server stops taking calls and lets those in flight finish for this long;
 # every demo RPC is a map lookup, so one second is ample.
 SERVER_GRACE_SECONDS = 1.0
+# Calls a server runs at once; past this grpcio answers RESOURCE_EXHAUSTED. Each call is
+# a dict lookup, so this only bounds memory under a flood (a benchmark uses ~100).
+MAX_CONCURRENT_RPCS = 1000
 
 
 class RpcFailure(Exception):
@@ -112,7 +116,7 @@ async def serve(name: str, register: Register, host: str, port: int,
 
     Raises OSError when the address cannot be bound (grpcio reports that as a port of 0
     or a RuntimeError, depending on the version)."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     register(server)
     address = f"{host}:{port}"
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -449,3 +450,10 @@ def test_local_launcher_refuses_a_busy_web_port() -> None:
     assert out.returncode == 1
     assert b"web cannot listen" in out.stderr and b"--web-port" in out.stderr
     assert b"Traceback" not in out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_page_script_is_valid_javascript() -> None:
+    out = subprocess.run(["node", "--check", str(REPO / "demo" / "static" / "app.js")],
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr.decode()
