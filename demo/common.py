@@ -5,12 +5,13 @@ traceback, logging, and running a coroutine until SIGTERM or Ctrl-C."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
+
+import uvloop
 
 from shoal.kernel.logs import setup_logging
 
@@ -88,11 +89,14 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def run(prog: str, main: Coroutine[Any, Any, int | None], log_level: str) -> None:
-    """Run ``main`` on a fresh event loop and exit with its status; an OSError (a port in
-    use, say) becomes one line on stderr and status 1."""
+    """Run ``main`` on a fresh uvloop event loop and exit with its status; an OSError (a
+    port in use, say) becomes one line on stderr and status 1.
+
+    uvloop because web measured 1.6x the requests per second of asyncio's own loop on
+    /api/list (wrk, 10 connections); grpc.aio runs on any asyncio loop."""
     setup_logging(log_level)
     try:
-        status = asyncio.run(main)
+        status = uvloop.run(main)
     except KeyboardInterrupt:
         status = 0
     except OSError as error:
