@@ -16,6 +16,9 @@ ALLOWED: dict[str, set[str]] = {
     "proxy": {"schemas", "kernel", "proxy"},
     "services": {"schemas", "kernel", "services"},
     "cli": {"schemas", "kernel", "proxy", "services", "cli", "demo"},
+    # the demo is an ordinary application: it may use the kernel's generic helpers
+    # (logging, child processes) and nothing of the mesh
+    "demo": {"kernel", "demo"},
 }
 
 
