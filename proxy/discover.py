@@ -14,7 +14,10 @@ Event flow and failure rules:
   watches; a restarted watch delivers the current state again, so changes made while the
   proxy was cut off (deletions included) are applied.
 - A watch that fails to start (JetStream still recovering after a server restart, say)
-  is retried every ``WATCH_RETRY_SECONDS`` while connected.
+  is retried while connected, backing off from ``WATCH_RETRY_SECONDS`` to
+  ``WATCH_RETRY_MAX_SECONDS``; logged once per streak of failures. A bucket that does
+  not exist yet (the proxy started before the control plane) is an answer: the entry is
+  ``known`` with no endpoints (any set seen before is kept), and the watch keeps retrying.
 
 Concurrency: one task per watched service; the balancer is only touched from the event
 loop, so the proxy's request path needs no locks.
@@ -31,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shoal.schemas import names
@@ -50,8 +54,10 @@ INBOUND_FAILFAST_SECONDS = 1.0
 # stream of made-up authorities from creating unbounded watches. Beyond it the least
 # recently looked-up service's watch stops (its entry keeps its last set).
 MAX_WATCHED_SERVICES = 1024
-# Pause before retrying a watch that could not start or broke while connected.
+# Pause before retrying a watch that could not start or broke while connected, doubled
+# per failure up to the maximum: quick after a blip, a STREAM.INFO every 2 s at worst.
 WATCH_RETRY_SECONDS = 0.5
+WATCH_RETRY_MAX_SECONDS = 2.0
 # Bound on starting one watch (consumer create + info); nats-py's JetStream default is 5.
 WATCH_START_TIMEOUT_SECONDS = 5.0
 # Bound on stopping a watch (an unsubscribe; may hang while the bus is away).
@@ -75,6 +81,7 @@ class ServiceEntry:
         self.exists = False  # the bucket holds a (non-deleted) entry for this service
         self.revision = 0  # KV revision of the last applied value or marker
         self.updates = 0  # how many times the set was applied (for tests and debugging)
+        self.malformed = 0  # values ignored because they did not decode
         self.last_used = time.monotonic()
         self._restart = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -168,6 +175,7 @@ class Discovery:
 
     async def _watch(self, entry: ServiceEntry) -> None:
         """Run the entry's watch, restarting it after reconnects and failures."""
+        failures = 0
         while True:
             if not self._link.connected:
                 # Wait for the bus; _on_connect sets _restart once it is back.
@@ -181,9 +189,17 @@ class Discovery:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("watch of %s could not start: %s; retrying", entry.key, error)
-                await self._pause(entry)
+                if isinstance(error, BucketNotFoundError):
+                    error = ConnectionError(f"bucket {names.BUCKET_ENDPOINTS} does not exist")
+                    entry.known.set()  # an answer: no endpoints (yet)
+                level = logging.WARNING if failures == 0 else logging.DEBUG
+                log.log(level, "watch of %s could not start: %s; retrying", entry.key, error)
+                await self._pause(entry, failures)
+                failures += 1
                 continue
+            if failures:
+                log.info("watch of %s started after %d failed attempts", entry.key, failures)
+            failures = 0
             reader = asyncio.create_task(self._read(entry, watcher))
             restart = asyncio.create_task(entry._restart.wait())
             try:
@@ -197,13 +213,14 @@ class Discovery:
             if reader.done() and not reader.cancelled():
                 log.warning("watch of %s ended: %s; restarting", entry.key,
                             reader.exception())
-                await self._pause(entry)
+                await self._pause(entry, 0)
 
     @staticmethod
-    async def _pause(entry: ServiceEntry) -> None:
+    async def _pause(entry: ServiceEntry, failures: int) -> None:
         """Sleep before a retry, but wake at once when the bus comes back."""
+        delay = min(WATCH_RETRY_MAX_SECONDS, WATCH_RETRY_SECONDS * 2.0 ** min(failures, 8))
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(WATCH_RETRY_SECONDS):
+            async with asyncio.timeout(delay):
                 await entry._restart.wait()
 
     async def _read(self, entry: ServiceEntry, watcher: Any) -> None:
@@ -234,6 +251,7 @@ class Discovery:
         try:
             endpoint_set = self._decoder.decode(value, f"{names.BUCKET_ENDPOINTS}/{entry.key}")
         except WireDecodeError as error:
+            entry.malformed += 1
             log.warning("ignoring endpoints value (revision %d), keeping the last good set: "
                         "%s", revision, error)
             return
