@@ -1,2 +1,1 @@
-"""The data plane: the proxy that runs beside every workload (accept -> detect -> route ->
-forward), its discovery over NATS, balancing, metrics and admin endpoints."""
+"""The data plane: one proxy beside every workload (DESIGN.md "Data plane")."""
