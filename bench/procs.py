@@ -34,6 +34,14 @@ PROBE_MAX_RESPONSE_BYTES = 64 * 1024
 LOG_TAIL_LINES = 12
 
 
+def placement(cpu: int | None, nice: int = 0) -> list[str]:
+    """The command prefix that pins a program to ``cpu`` and sets its niceness."""
+    prefix = ["nice", "-n", str(nice)] if nice else []
+    if cpu is not None:
+        prefix += ["taskset", "-c", str(cpu)]
+    return prefix
+
+
 class PeerUnavailable(Exception):
     """A peer cannot be measured; the message is the reason printed to the operator."""
 
@@ -53,10 +61,12 @@ class Managed:
 
 
 class ProcessGroup:
-    """Owns the processes of one run and stops all of them, newest first, on close."""
+    """Owns the processes of one run and stops all of them, newest first, on close.
+    ``nice`` is applied to every process it starts (see ``--nice``)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, nice: int = 0) -> None:
         self.workdir = workdir
+        self.nice = nice
         self._procs: list[Managed] = []
         self._ports: set[int] = set()
 
@@ -85,8 +95,7 @@ class ProcessGroup:
 
     def start(self, name: str, argv: list[str], *, cpu: int | None = None,
               env: dict[str, str] | None = None, cwd: Path | None = None) -> Managed:
-        if cpu is not None:
-            argv = ["taskset", "-c", str(cpu), *argv]
+        argv = [*placement(cpu, self.nice), *argv]
         log_path = self.workdir / f"{name}.log"
         with log_path.open("wb") as log:
             try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import FOREIGN_SHARE_FLAG
 from bench.peers import PEERS_BY_NAME, Peer
 from bench.wrk import WrkResult
 
@@ -26,6 +27,8 @@ class Run:
     rep: int
     result: WrkResult | None = None
     error: str | None = None
+    # share of the proxy core other processes used during the run (see bench.cpu)
+    foreign_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Summary:
     p50_us: float
     p99_us: float
     errors: int
+    foreign_share_max: float | None = None
 
 
 def summarize(runs: Sequence[Run], peer_order: Sequence[str],
@@ -53,8 +57,10 @@ def summarize(runs: Sequence[Run], peer_order: Sequence[str],
             if not cell:
                 continue
             hops = PEERS_BY_NAME[name].hops if name in PEERS_BY_NAME else 0
+            shares = [r.foreign_share for r in cell if r.foreign_share is not None]
+            foreign = max(shares) if shares else None
             if not ok:
-                out.append(Summary(name, hops, conns, 0, len(cell), 0.0, 0.0, 0.0, 0))
+                out.append(Summary(name, hops, conns, 0, len(cell), 0.0, 0.0, 0.0, 0, foreign))
                 continue
             out.append(Summary(
                 peer=name, hops=hops, connections=conns, runs=len(ok),
@@ -62,7 +68,7 @@ def summarize(runs: Sequence[Run], peer_order: Sequence[str],
                 requests_per_second=statistics.median(r.requests_per_second for r in ok),
                 p50_us=statistics.median(r.p50_us for r in ok),
                 p99_us=statistics.median(r.p99_us for r in ok),
-                errors=sum(r.errors for r in ok)))
+                errors=sum(r.errors for r in ok), foreign_share_max=foreign))
     return out
 
 
@@ -112,15 +118,24 @@ def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _fmt_share(share: float | None) -> str:
+    if share is None:
+        return "-"
+    return f"{share:.0%}" + (" !" if share > FOREIGN_SHARE_FLAG else "")
+
+
 def format_table(summaries: Sequence[Summary]) -> str:
-    """The results table: medians, and req/s as a ratio of each baseline."""
+    """The results table: medians, req/s as a ratio of each baseline, and "others": the
+    largest share of the proxy core that other processes took during one of the cell's
+    runs ("!" past ``FOREIGN_SHARE_FLAG``: that cell's figures are suspect)."""
     head = ("peer", "hops", "conns", "req/s", "p50", "p99", "errors", "/direct", "/envoy",
-            "/haproxy")
+            "/haproxy", "others")
     rows: list[tuple[str, ...]] = [head]
     for s in summaries:
+        others = _fmt_share(s.foreign_share_max)
         if not s.runs:
             rows.append((s.peer, str(s.hops), str(s.connections), "failed", "-", "-", "-",
-                         "-", "-", "-"))
+                         "-", "-", "-", others))
             continue
         comp = comparisons(s, PEERS_BY_NAME.get(s.peer), summaries)
         by_kind = {key.split(":", 1)[0]: v["requests_per_second"] for key, v in comp.items()}
@@ -129,7 +144,7 @@ def format_table(summaries: Sequence[Summary]) -> str:
                      f"{s.requests_per_second:,.0f}", format_latency(s.p50_us),
                      format_latency(s.p99_us), errors,
                      _fmt_ratio(by_kind.get("direct")), _fmt_ratio(by_kind.get("envoy")),
-                     _fmt_ratio(by_kind.get("haproxy"))))
+                     _fmt_ratio(by_kind.get("haproxy")), others))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []
     for n, row in enumerate(rows):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import cpu, report
 from bench.peers import (
     PEERS,
     PEERS_BY_NAME,
@@ -86,6 +86,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-cpu", type=int, default=0,
                         help="core for wrk and nginx (default 0)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="niceness for every process of the run, wrk included (default "
+                             "0; on a machine shared with other work, -10 gives the run "
+                             "most of its cores at the others' expense; negative needs "
+                             "root)")
     parser.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_SECONDS,
                         help="seconds a peer gets to answer its first request")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
@@ -117,6 +122,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--duration must be between 1 and {MAX_DURATION_SECONDS} seconds")
     if not 0 <= args.warmup <= MAX_DURATION_SECONDS:
         parser.error(f"--warmup must be between 0 and {MAX_DURATION_SECONDS} seconds")
+    if not -20 <= args.nice <= 19:
+        parser.error("--nice must be between -20 and 19")
+    if args.nice < 0 and os.geteuid() != 0:
+        parser.error("a negative --nice needs root")
     if args.ready_timeout <= 0:
         parser.error("--ready-timeout must be positive")
     return args
@@ -167,13 +176,32 @@ def environment() -> dict[str, Any]:
             "versions": versions}
 
 
+def one_line(reason: str) -> str:
+    """A multi-line reason (a header and a log tail) as one line: the header and the
+    last line of the tail that says something (frame drawing stripped)."""
+    lines = [line.strip(" \t|\u2502\u256d\u256e\u2570\u256f\u2500") for line in
+             reason.strip().splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return "no reason given"
+    if len(lines) == 1:
+        return lines[0]
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+
+
 def start_peers(peers: Sequence[Peer], ctx: PeerContext
-                ) -> tuple[dict[str, Target], dict[str, str]]:
+                ) -> tuple[dict[str, Target], dict[str, str], dict[str, list[int]]]:
+    """Start every peer; returns the targets, the reasons of those that could not start,
+    and the pids of each started peer's processes (for the CPU accounting)."""
     targets: dict[str, Target] = {}
     unavailable: dict[str, str] = {}
+    pids: dict[str, list[int]] = {}
     for peer in peers:
+        before = {m.popen.pid for m in ctx.procs.running}
         try:
             targets[peer.name] = peer.start(ctx)
+            pids[peer.name] = [m.popen.pid for m in ctx.procs.running
+                               if m.popen.pid not in before]
         except PeerUnavailable as exc:
             reason = str(exc).strip()
             unavailable[peer.name] = reason
@@ -183,11 +211,12 @@ def start_peers(peers: Sequence[Peer], ctx: PeerContext
                 print(f"  {'':<16}   | {line}")
             continue
         print(f"  {peer.name:<16} ready on {targets[peer.name].url}  ({peer.description})")
-    return targets, unavailable
+    return targets, unavailable, pids
 
 
-def measure(peers: Sequence[Peer], targets: dict[str, Target], args: argparse.Namespace,
-            load_cpu: int | None) -> list[report.Run]:
+def measure(peers: Sequence[Peer], targets: dict[str, Target], pids: dict[str, list[int]],
+            args: argparse.Namespace, proxy_cpu: int | None, load_cpu: int | None
+            ) -> list[report.Run]:
     live = [p for p in peers if p.name in targets]
     if args.warmup:
         print(f"warming up ({args.warmup}s each)")
@@ -195,7 +224,7 @@ def measure(peers: Sequence[Peer], targets: dict[str, Target], args: argparse.Na
             target = targets[peer.name]
             try:
                 run_wrk(target.url, WARMUP_CONNECTIONS, args.warmup, target.host_header,
-                        load_cpu)
+                        load_cpu, args.nice)
             except (WrkRunError, WrkParseError) as exc:
                 print(f"  {peer.name}: warm-up failed: {exc}")
     runs: list[report.Run] = []
@@ -205,15 +234,22 @@ def measure(peers: Sequence[Peer], targets: dict[str, Target], args: argparse.Na
             target = targets[peer.name]
             for conns in args.connection_list:
                 prefix = f"[rep {rep + 1}/{args.reps}] {peer.name:<16} c={conns:<4}"
+                ours = pids.get(peer.name, [])
+                before = cpu.sample(proxy_cpu, ours) if proxy_cpu is not None else None
                 try:
                     result = run_wrk(target.url, conns, args.duration, target.host_header,
-                                     load_cpu)
+                                     load_cpu, args.nice)
                 except (WrkRunError, WrkParseError) as exc:
                     runs.append(report.Run(peer.name, conns, rep, error=str(exc)))
                     print(f"{prefix} failed: {exc}")
                     continue
-                runs.append(report.Run(peer.name, conns, rep, result=result))
+                after = cpu.sample(proxy_cpu, ours) if proxy_cpu is not None else None
+                share = cpu.foreign_share(before, after)
+                runs.append(report.Run(peer.name, conns, rep, result=result,
+                                       foreign_share=share))
                 errors = f"  errors {result.errors}" if result.errors else ""
+                if share is not None and share > cpu.FOREIGN_SHARE_FLAG:
+                    errors += f"  (others took {share:.0%} of the proxy core)"
                 print(f"{prefix} {result.requests_per_second:>10,.0f} req/s  "
                       f"p50 {report.format_latency(result.p50_us):>8}  "
                       f"p99 {report.format_latency(result.p99_us):>8}{errors}", flush=True)
@@ -234,11 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {"peers": [p.name for p in peers], "reps": args.reps,
                 "duration_seconds": args.duration, "warmup_seconds": args.warmup,
                 "connections": args.connection_list, "proxy_cpu": proxy_cpu,
-                "load_cpu": load_cpu, "started": started.isoformat(timespec="seconds"),
-                "wrk_threads": 1}
+                "load_cpu": load_cpu, "nice": args.nice, "wrk_threads": 1,
+                "started": started.isoformat(timespec="seconds")}
     try:
         with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp, \
-                ProcessGroup(Path(tmp)) as procs:
+                ProcessGroup(Path(tmp), nice=args.nice) as procs:
             workdir = Path(tmp)
             try:
                 upstream = start_upstream(procs, workdir, load_cpu, args.ready_timeout)
@@ -249,11 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx = PeerContext(procs=procs, workdir=workdir, upstream_port=upstream,
                               proxy_cpu=proxy_cpu, repo_root=REPO_ROOT,
                               ready_timeout=args.ready_timeout)
-            targets, unavailable = start_peers(peers, ctx)
+            targets, unavailable, pids = start_peers(peers, ctx)
             if not targets:
                 print("no peer could be started; nothing to measure", file=sys.stderr)
                 return 1
-            runs = measure(peers, targets, args, load_cpu)
+            runs = measure(peers, targets, pids, args, proxy_cpu, load_cpu)
     except KeyboardInterrupt:
         print("interrupted; every process was stopped", file=sys.stderr)
         return 130
@@ -262,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = report.summarize(runs, order, args.connection_list)
     print()
     print(f"medians of {args.reps} run(s) of {args.duration}s, wrk -t1 --latency; "
-          f"ratios are req/s against the same connection count")
+          f"ratios are req/s against the same connection count; 'others' is the largest "
+          f"share of the proxy core other processes took in one run")
     print(report.format_table(summaries))
     subjects = [p.name for p in peers if p.envoy_counterpart]
     comparison = report.format_comparisons(summaries, subjects)
@@ -270,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(comparison)
     for name, reason in unavailable.items():
-        print(f"{name}: not available: {reason.splitlines()[0]}")
+        print(f"{name}: not available: {one_line(reason)}")
     env["loadavg_after"] = os.getloadavg()
     path = args.results_dir / f"{started.strftime('%Y%m%d-%H%M%S')}.json"
     try:

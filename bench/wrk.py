@@ -11,6 +11,8 @@ import re
 import subprocess
 from dataclasses import dataclass
 
+from bench.procs import placement
+
 # wrk formats times with the units of its units.c: "us", "ms", "s", then "m" and "h"
 # for runs that pathological; everything is converted to microseconds here.
 _TIME_UNITS_US: dict[str, float] = {
@@ -112,22 +114,22 @@ def parse_wrk_output(text: str) -> WrkResult:
 
 
 def wrk_argv(url: str, connections: int, duration_seconds: int,
-             host_header: str | None = None, cpu: int | None = None) -> list[str]:
+             host_header: str | None = None, cpu: int | None = None, nice: int = 0
+             ) -> list[str]:
     """The wrk command line: one thread (the anchor's), ``--latency`` for percentiles."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_seconds}s", "--latency",
             "--timeout", WRK_REQUEST_TIMEOUT]
     if host_header is not None:
         argv += ["-H", f"Host: {host_header}"]
     argv.append(url)
-    if cpu is not None:
-        argv = ["taskset", "-c", str(cpu), *argv]
-    return argv
+    return [*placement(cpu, nice), *argv]
 
 
 def run_wrk(url: str, connections: int, duration_seconds: int,
-            host_header: str | None = None, cpu: int | None = None) -> WrkResult:
+            host_header: str | None = None, cpu: int | None = None, nice: int = 0
+            ) -> WrkResult:
     """Run wrk to completion (bounded by its duration plus ``WRK_SLACK_SECONDS``)."""
-    argv = wrk_argv(url, connections, duration_seconds, host_header, cpu)
+    argv = wrk_argv(url, connections, duration_seconds, host_header, cpu, nice)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, check=False,
                               timeout=duration_seconds + WRK_SLACK_SECONDS)

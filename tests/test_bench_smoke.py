@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import configs, report
+from bench import configs, cpu, report
 from bench.peers import (
     ShoalProxyArgs,
     find_program,
@@ -20,7 +20,7 @@ from bench.peers import (
     start_upstream,
 )
 from bench.procs import PeerUnavailable, ProcessGroup, http_status
-from bench.run import parse_args
+from bench.run import one_line, parse_args
 from bench.wrk import WrkParseError, WrkResult, parse_wrk_output, run_wrk, to_microseconds
 
 # Captured from wrk 4.1.0 (Debian) against the nginx upstream on this machine.
@@ -162,6 +162,32 @@ def test_bad_command_lines_are_clear_errors(capsys: pytest.CaptureFixture[str]) 
     quick = parse_args(["--quick", "--peers", "direct,envoy"])
     assert (quick.reps, quick.duration) == (1, 3)
     assert [p.name for p in quick.peer_list] == ["direct", "envoy"]
+
+
+def test_cpu_accounting_parsers() -> None:
+    stat = ("cpu  10 0 10 100 0 0 0 0 0 0\n"
+            "cpu0 1 2 3 4 5 6 7 8 0 0\n"
+            "cpu1 100 0 50 850 0 0 30 0 0 0\n")
+    assert cpu.parse_core_line(stat, 1) == cpu.CoreTimes(task=150, total=1030)
+    with pytest.raises(ValueError, match="cpu7"):
+        cpu.parse_core_line(stat, 7)
+    # a command name with spaces and a ')' must not shift the fields
+    line = "4242 (we ird) name) S 77 4242 4242 0 -1 4194560 1 0 0 0 120 30 0 0 20 0 1 0\n"
+    assert cpu.parse_pid_stat(line) == (77, 150)
+    table = {1: (0, 5), 10: (1, 100), 11: (10, 20), 12: (11, 3), 20: (1, 1000)}
+    assert cpu.tree_jiffies(table, [10]) == 123
+    before = cpu.Sample(cpu.CoreTimes(task=1000, total=2000), ours=400)
+    after = cpu.Sample(cpu.CoreTimes(task=1900, total=3000), ours=1100)
+    assert cpu.foreign_share(before, after) == pytest.approx(0.2)
+    assert cpu.foreign_share(None, after) is None
+
+
+def test_unavailable_reason_on_one_line() -> None:
+    reason = ("shoal exited with code 2:\nUsage: python -m shoal.cli [OPTIONS]\n"
+              "\u256d\u2500 Error \u2500\u256e\n\u2502 No such command 'proxy'. \u2502\n"
+              "\u2570\u2500\u2500\u256f")
+    assert one_line(reason) == "shoal exited with code 2: No such command 'proxy'."
+    assert one_line("module shoal.proxy not found") == "module shoal.proxy not found"
 
 
 def test_real_direct_measurement(tmp_path: Path) -> None:
