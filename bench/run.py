@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -256,8 +257,14 @@ def measure(peers: Sequence[Peer], targets: dict[str, Target], pids: dict[str, l
     return runs
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM takes the same way out as Ctrl-C, so the finally blocks stop every child.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     proxy_cpu, load_cpu, pin_note = choose_cpus(args)
     started = datetime.datetime.now()
     peers: list[Peer] = args.peer_list

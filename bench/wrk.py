@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 
 from bench.procs import placement
+from shoal.kernel.process import die_with_parent
 
 # wrk formats times with the units of its units.c: "us", "ms", "s", then "m" and "h"
 # for runs that pathological; everything is converted to microseconds here.
@@ -132,7 +133,8 @@ def run_wrk(url: str, connections: int, duration_seconds: int,
     argv = wrk_argv(url, connections, duration_seconds, host_header, cpu, nice)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, check=False,
-                              timeout=duration_seconds + WRK_SLACK_SECONDS)
+                              timeout=duration_seconds + WRK_SLACK_SECONDS,
+                              preexec_fn=die_with_parent)
     except FileNotFoundError as exc:
         raise WrkRunError(f"cannot run {argv[0]}: {exc}") from None
     except subprocess.TimeoutExpired:
