@@ -345,8 +345,11 @@ def rotate_anchor_add(identity_dir: Path, anchor_dir: Path, anchor_days: int,
     if read_rotation(anchor_dir) is not None:
         raise IdentityMaterialError("an anchor rotation is already under way; see `shoal "
                                     "identity rotate-anchor` for the next step")
-    current = load_anchor(anchor_dir)  # the current key must be at hand to continue later
     settings = read_settings(identity_dir)
+    # The old anchor's key is not needed to rotate away from it (it may be lost: a reason
+    # to rotate); its certificate is kept in the bundle until step 3.
+    current = (_certs(anchor_dir / ANCHOR_CERT_FILE)[0]
+               if (anchor_dir / ANCHOR_CERT_FILE).exists() else None)
     try:
         new = pki.make_anchor(settings.scheme, anchor_days, now)
     except pki.PkiError as error:
@@ -354,8 +357,9 @@ def rotate_anchor_add(identity_dir: Path, anchor_dir: Path, anchor_days: int,
     _write_certified(anchor_dir, NEXT_ANCHOR_CERT_FILE, NEXT_ANCHOR_KEY_FILE, new)
     bundle = [a for a in read_bundle(identity_dir)
               if pki.fingerprint(a) != pki.fingerprint(new.cert)]
-    if not any(pki.fingerprint(a) == pki.fingerprint(current.cert) for a in bundle):
-        bundle.insert(0, current.cert)
+    if current is not None and not any(
+            pki.fingerprint(a) == pki.fingerprint(current) for a in bundle):
+        bundle.insert(0, current)
     write_bundle(identity_dir, [*bundle, new.cert])
     _write_rotation(anchor_dir, RotationState(
         phase="anchor_added", new_anchor_fingerprint=pki.fingerprint(new.cert),
@@ -395,14 +399,22 @@ def rotate_anchor_remove(identity_dir: Path, anchor_dir: Path, now: dt.datetime,
             f"{left:.0f} s more. Wait (or restart every proxy) and run this again, or pass "
             "--force")
     new = load_anchor(anchor_dir, next_anchor=True)
-    old = _certs(anchor_dir / ANCHOR_CERT_FILE)[0]
+    # The bundle keeps the new anchor and any other anchor the operator added on purpose;
+    # the one that goes is the anchor being replaced (every other one, if its
+    # certificate is not at hand).
+    keep = {pki.fingerprint(new.cert)}
+    if not (anchor_dir / ANCHOR_CERT_FILE).exists():
+        old_fingerprints = {pki.fingerprint(a) for a in read_bundle(identity_dir)} - keep
+    else:
+        old_fingerprints = {pki.fingerprint(_certs(anchor_dir / ANCHOR_CERT_FILE)[0])} - keep
     write_bundle(identity_dir, [a for a in read_bundle(identity_dir)
-                                if pki.fingerprint(a) != pki.fingerprint(old)])
+                                if pki.fingerprint(a) not in old_fingerprints])
     retired = anchor_dir / RETIRED_DIR
     retired.mkdir(mode=0o700, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now.timestamp()))
     for name in (ANCHOR_CERT_FILE, ANCHOR_KEY_FILE):
-        os.replace(anchor_dir / name, retired / f"{stamp}-{name}")
+        if (anchor_dir / name).exists():
+            os.replace(anchor_dir / name, retired / f"{stamp}-{name}")
     _write_certified(anchor_dir, ANCHOR_CERT_FILE, ANCHOR_KEY_FILE, new)
     for name in (NEXT_ANCHOR_CERT_FILE, NEXT_ANCHOR_KEY_FILE, ROTATION_FILE):
         (anchor_dir / name).unlink(missing_ok=True)

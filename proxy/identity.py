@@ -384,9 +384,12 @@ class IdentityClient:
                 failures = 0
                 assert self._credentials is not None
                 delay = refresh_delay(self._credentials.not_after, self._clock(), self.config)
-            except IdentityError as error:
+            except Exception as error:  # IdentityError, or a bug: never let the loop die
                 failures += 1
                 delay = backoff_delay(failures, self.config, self._rng)
+                if not isinstance(error, IdentityError):
+                    log.exception("certificate renewal failed unexpectedly")
+                    self.last_error = f"error: {type(error).__name__}: {error}"
                 if self._credentials is not None:
                     # Keep serving with the old certificate; but never sleep past its end.
                     left = self._credentials.not_after - self._clock()

@@ -335,3 +335,48 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 0.25 <= delays[0] <= 0.75
     assert all(d <= 45.0 for d in delays)
     assert delays[-1] >= 15.0  # the cap (30 s) jittered by +-50%
+
+
+# --- rotation steps on disk ----------------------------------------------------------------------
+
+
+def test_anchor_rotation_steps_keep_their_order_and_need_no_old_key(tmp_path: Path) -> None:
+    identity_dir, anchor_dir = make_material(tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    old = store.read_bundle(identity_dir)[0]
+    (anchor_dir / store.ANCHOR_KEY_FILE).unlink()  # lost: a reason to rotate
+    with pytest.raises(store.IdentityMaterialError, match="anchor key is not in"):
+        store.rotate_issuer(identity_dir, anchor_dir, 30, now)
+    with pytest.raises(store.IdentityMaterialError, match="no anchor rotation"):
+        store.rotate_anchor_issuer(identity_dir, anchor_dir, 30, now)
+    new = store.rotate_anchor_add(identity_dir, anchor_dir, 30, now)
+    assert [pki.fingerprint(a) for a in store.read_bundle(identity_dir)] == [
+        pki.fingerprint(old), new.fingerprint]
+    with pytest.raises(store.IdentityMaterialError, match="already under way"):
+        store.rotate_anchor_add(identity_dir, anchor_dir, 30, now)
+    with pytest.raises(store.IdentityMaterialError, match="after --step issuer"):
+        store.rotate_anchor_remove(identity_dir, anchor_dir, now, force=True)
+    store.rotate_anchor_issuer(identity_dir, anchor_dir, 30, now)
+    material = store.load_service_material(identity_dir, now)  # issuer under the new anchor
+    assert pki.verify_issuer(material.issuer.cert, material.anchors, now).fingerprint(
+        hashes.SHA256()).hex() == new.fingerprint
+    later = now + dt.timedelta(hours=25)  # one leaf lifetime later: no --force needed
+    store.rotate_anchor_remove(identity_dir, anchor_dir, later)
+    assert [pki.fingerprint(a) for a in store.read_bundle(identity_dir)] == [new.fingerprint]
+    assert pki.fingerprint(store.load_anchor(anchor_dir).cert) == new.fingerprint
+    assert store.read_rotation(anchor_dir) is None
+    assert len(list((anchor_dir / store.RETIRED_DIR).iterdir())) == 1  # the old certificate
+
+
+def test_service_material_is_checked(tmp_path: Path) -> None:
+    identity_dir, _ = make_material(tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    with pytest.raises(store.IdentityMaterialError, match="does not exist"):
+        store.load_service_material(tmp_path / "nowhere", now)
+    stranger = pki.make_anchor(SCHEME, 1, now)
+    store.write_bundle(identity_dir, [stranger.cert])
+    with pytest.raises(store.IdentityMaterialError, match="not signed by any anchor"):
+        store.load_service_material(identity_dir, now)
+    (identity_dir / store.ISSUER_KEY_FILE).write_text("garbage")
+    with pytest.raises(store.IdentityMaterialError, match=r"issuer\.key"):
+        store.load_service_material(identity_dir, now)

@@ -124,7 +124,10 @@ class IdentityService:
                                        identity=request.identity[:pki.MAX_IDENTITY_LENGTH],
                                        code=reply.code, reason=reply.reason)
         if self._ctx is not None:
-            await self._ctx.nc.publish(names.event_subject("identity"), encode(event))
+            try:
+                await self._ctx.nc.publish(names.event_subject("identity"), encode(event))
+            except Exception as error:  # the reply matters more than the audit event
+                log.warning("could not publish %s event: %s", type(event).__name__, error)
         return reply
 
     async def _decide(self, request: CertifyRequest, now: float) -> CertifyReply:
