@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -38,7 +39,6 @@ import ssl
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -74,7 +74,7 @@ _reply_decoder: Decoder[CertifyIssued | CertifyRefused | ErrorReply] = Decoder(
 _bundle_decoder: Decoder[TrustBundle] = Decoder(TrustBundle, names.BUCKET_TRUST)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class IdentityConfig:
     identity: str  # <sa>.<ns>.serviceaccount.identity.<cp-ns>.<trust-domain>
     alpn_protocols: tuple[str, ...] = ()  # offered (client) / accepted (server), in order
@@ -123,7 +123,7 @@ class PeerIdentityMismatch(ssl.SSLError):
         self.actual = actual
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Credentials:
     """A leaf in hand: what is presented in handshakes until the next one arrives."""
 
@@ -251,7 +251,7 @@ def nats_request(client: Client) -> RequestFn:
     return request
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class IdentityStatus:
     """What ``shoal identity show`` and the admin endpoint print about a proxy."""
 
@@ -281,6 +281,7 @@ class IdentityClient:
         self._anchors_pem = ""
         self._server: ssl.SSLContext | None = None
         self._client: ssl.SSLContext | None = None
+        self._client_variants: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._front = self._front_server_context()
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
@@ -329,11 +330,20 @@ class IdentityClient:
             raise IdentityError("not_ready", "no certificate or trust anchors yet")
         return self._server
 
-    def client_context(self) -> ssl.SSLContext:
-        """The newest client context; take it per connection, not once."""
-        if self._client is None:
+    def client_context(self, alpn: tuple[str, ...] | None = None) -> ssl.SSLContext:
+        """The newest client context; take it per connection, not once. ``alpn``
+        offers another protocol list than the configured one (say, the opaque transport
+        instead of HTTP/2); such variants are built once per certificate generation."""
+        if self._client is None or self._credentials is None:
             raise IdentityError("not_ready", "no certificate or trust anchors yet")
-        return self._client
+        if alpn is None or alpn == self.config.alpn_protocols:
+            return self._client
+        variant = self._client_variants.get(alpn)
+        if variant is None:
+            config = dataclasses.replace(self.config, alpn_protocols=alpn)
+            _, variant = build_contexts(self._credentials, self._key, self._anchors_pem, config)
+            self._client_variants[alpn] = variant
+        return variant
 
     def status(self) -> IdentityStatus:
         creds = self._credentials
@@ -520,6 +530,7 @@ class IdentityClient:
         try:
             self._server, self._client = build_contexts(creds, self._key, self._anchors_pem,
                                                         self.config)
+            self._client_variants = {}
         except (ssl.SSLError, OSError) as error:  # keep the previous generation
             log.error("cannot build TLS contexts: %s", error)
             return
