@@ -79,6 +79,10 @@ from . import policy as _policy  # noqa: E402  (registers `shoal policy`)
 
 app.add_typer(_policy.app, name="policy")
 
+from . import identity as _identity  # noqa: E402  (registers `shoal identity`)
+
+app.add_typer(_identity.app, name="identity")
+
 
 def main() -> None:
     try:

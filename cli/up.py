@@ -23,6 +23,7 @@ from rich.console import Console
 
 from shoal.kernel.bus import ensure_buckets
 from shoal.kernel.config import (
+    ENV_STATE_DIR,
     BusFile,
     BusSettings,
     bus_environment,
@@ -31,11 +32,14 @@ from shoal.kernel.config import (
     read_bus_file,
     write_bus_file,
 )
+from shoal.kernel.identity_store import IdentityMaterialError
 from shoal.kernel.natsd import EmbeddedNats
 from shoal.kernel.process import die_with_parent
 
+from .identity import ensure_identity
+
 # The control-plane services that exist, in start order.
-SERVICES: tuple[str, ...] = ("destination", "policy")
+SERVICES: tuple[str, ...] = ("destination", "policy", "identity")
 CHILD_STOP_TIMEOUT_SECONDS = 12.0  # a service drains in-flight work within 10 s
 READY_TIMEOUT_SECONDS = 20.0
 LOG_LINE_LIMIT = 64 * 1024
@@ -111,7 +115,9 @@ class Supervisor:
         child = Child(
             name=name,
             argv=[sys.executable, "-m", f"shoal.services.{name}", "--health-port", str(port)],
-            env=bus_environment(self.settings("controller")),
+            # The state directory tells a service where its files are (identity's issuer).
+            env={**bus_environment(self.settings("controller")),
+                 ENV_STATE_DIR: str(self.state_dir)},
             health_port=port,
         )
         await self.start_child(child, COLOURS[len(self.children) % len(COLOURS)])
@@ -193,6 +199,14 @@ async def run_up(state_dir: Path, console: Console, nats_port: int) -> int:
                       f"{state_dir / 'nats'})")
         console.print(f"[bold]credentials[/] {state_dir / 'bus.json'} (roles: proxy, "
                       "controller, operator)")
+        try:
+            created = ensure_identity(state_dir)
+        except (IdentityMaterialError, OSError) as error:
+            console.print(f"[red]error:[/] cannot create identity material: {error}")
+            return 1
+        if created is not None:
+            console.print(f"[bold]identity[/]    new trust anchor and issuer in "
+                          f"{created.identity_dir} (anchor key: {created.anchor_dir})")
         for name in SERVICES:
             child = await supervisor.start_service(name)
             ready = await supervisor.wait_ready(child)
