@@ -1,0 +1,1 @@
+"""The data plane: one proxy beside every workload."""
