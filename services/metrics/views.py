@@ -178,6 +178,7 @@ def stat(agg: Aggregator, query: StatQuery, now: float) -> StatAnswer:
         _stat_services(agg, query, now, group)
     elif query.from_resource and target.kind != "pod":
         _stat_from(agg, query, now, group)
+        _count_pods(agg, query, now, groups)
     else:
         _stat_own(agg, query, now, group)
     rows = sorted((g.row() for g in groups.values()), key=lambda r: (r.namespace, r.name))
@@ -238,7 +239,6 @@ def _stat_from(agg: Aggregator, query: StatQuery, now: float, group: GroupFn) ->
                 continue
             key = ("" if target.kind == "namespace" else peer_ns, name)
             group(*key).requests.add(row, fraction, span, entry.end)
-    _count_pods(agg, query, now, group)
 
 
 def _stat_services(agg: Aggregator, query: StatQuery, now: float, group: GroupFn) -> None:
@@ -256,15 +256,13 @@ def _stat_services(agg: Aggregator, query: StatQuery, now: float, group: GroupFn
             group(peer_ns, row.peer_service).requests.add(row, fraction, span, entry.end)
 
 
-def _count_pods(agg: Aggregator, query: StatQuery, now: float, group: GroupFn) -> None:
-    """Fill MESHED for groups that already exist (``--from`` rows)."""
+def _count_pods(agg: Aggregator, query: StatQuery, now: float,
+                groups: dict[tuple[str, str], _StatGroup]) -> None:
+    """Fill MESHED for the groups ``--from`` found."""
     for pod in agg.selected("", now):
         if agg.span(pod, query.window_seconds, now) is None:
             continue
-        key = group_of(pod.key, query.resource)
-        if query.namespace and query.resource != "namespace" and key[0] != query.namespace:
-            continue
-        stats = group(*key) if (not query.name or key[1] == query.name) else None
+        stats = groups.get(group_of(pod.key, query.resource))
         if stats is not None:
             stats.pods_seen += 1
             stats.pods_meshed += int(agg.fresh(pod, now) and pod.meshed)
