@@ -79,6 +79,10 @@ from . import policy as _policy  # noqa: E402  (registers `shoal policy`)
 
 app.add_typer(_policy.app, name="policy")
 
+from . import viz as _viz  # noqa: E402  (registers `shoal viz`)
+
+app.add_typer(_viz.app, name="viz")
+
 
 def main() -> None:
     try:

@@ -35,7 +35,7 @@ from shoal.kernel.natsd import EmbeddedNats
 from shoal.kernel.process import die_with_parent
 
 # The control-plane services that exist, in start order.
-SERVICES: tuple[str, ...] = ("destination", "policy")
+SERVICES: tuple[str, ...] = ("destination", "policy", "tap", "metrics")
 CHILD_STOP_TIMEOUT_SECONDS = 12.0  # a service drains in-flight work within 10 s
 READY_TIMEOUT_SECONDS = 20.0
 LOG_LINE_LIMIT = 64 * 1024
