@@ -232,8 +232,9 @@ async def open_sessions(kv: KeyValue, namespace: str, workload: str,
             await asyncio.sleep(0.05)
 
 
-def vote_doughnut(namespace: str, session_id: str, n: int = 1) -> list[TapEvent]:
-    """The three events of an inbound VoteDoughnut call at voting that fails (Unknown)."""
+def vote_call(namespace: str, session_id: str, n: int = 1, method: str = "VoteDoughnut",
+              grpc_status: int = 2) -> list[TapEvent]:
+    """The three events of an inbound call at voting (VoteDoughnut fails with Unknown)."""
     now = time.time()
     src = Peer(address="127.0.0.1", port=41000 + n, namespace=namespace, workload="web",
                pod="web-0", identity=identity("web", namespace))
@@ -244,14 +245,19 @@ def vote_doughnut(namespace: str, session_id: str, n: int = 1) -> list[TapEvent]
     return [
         TapRequestStart(**common, timestamp=now, method="POST",  # type: ignore[arg-type]
                         authority=f"voting-svc.{namespace}.svc.cluster.local:8080",
-                        path="/emojivoto.v1.VotingService/VoteDoughnut", scheme="http",
-                        headers={"content-type": "application/grpc",
+                        path=f"/emojivoto.v1.VotingService/{method}", scheme="http",
+                        headers={"content-type": "application/grpc", "te": "trailers",
                                  "authorization": "<redacted>"}),
         TapResponseStart(**common, timestamp=now + 0.002, status=200,  # type: ignore[arg-type]
-                         latency_us=2100, headers={"content-type": "application/grpc"}),
-        TapResponseEnd(**common, timestamp=now + 0.0025, grpc_status=2,  # type: ignore[arg-type]
-                       duration_us=2500, response_bytes=0),
+                         latency_us=2100 + 37 * n, headers={"content-type": "application/grpc"}),
+        TapResponseEnd(**common, timestamp=now + 0.0025,  # type: ignore[arg-type]
+                       grpc_status=grpc_status, duration_us=2500 + 41 * n,
+                       response_bytes=0 if grpc_status else 5),
     ]
+
+
+def vote_doughnut(namespace: str, session_id: str, n: int = 1) -> list[TapEvent]:
+    return vote_call(namespace, session_id, n)
 
 
 async def publish_tap(nc: Client, namespace: str, events: list[TapEvent]) -> None:

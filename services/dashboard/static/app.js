@@ -11,6 +11,7 @@
 "use strict";
 
 const HISTORY_TICKS = 150;      // 5 minutes at one tick every 2 s (server: history.py)
+const MIN_CHART_TICKS = 30;     // a chart's axis spans at least a minute of ticks
 const STALE_AFTER_MS = 6000;    // three missed ticks: say the view is not live
 const MAX_TAP_ROWS = 500;       // requests kept on the tap page, newest first
 const TAP_RENDER_MS = 250;      // tap table redrawn at most this often
@@ -40,6 +41,7 @@ function rps(value) {
 function ms(value) {
   if (value == null) return "-";
   if (value < 1) return value.toFixed(2) + " ms";
+  if (value < 10) return value.toFixed(1) + " ms";
   if (value < 1000) return Math.round(value) + " ms";
   return (value / 1000).toFixed(2) + " s";
 }
@@ -72,12 +74,18 @@ function secured(edge) {
 // ---------------------------------------------------------------- sparklines (inline SVG)
 
 function sparkline(values, { width = 140, height = 30, kind = "rps" } = {}) {
-  const points = (values || []).map((v, i) => [i, v]).filter(([, v]) => v != null);
-  const n = Math.max((values || []).length - 1, 1);
+  // Right-aligned on an axis of at least a minute of ticks, so a chart that has just
+  // started fills from the right instead of stretching a few points across.
+  const all = values || [];
+  const slots = Math.max(all.length, MIN_CHART_TICKS);
+  const offset = slots - all.length;
+  const points = all.map((v, i) => [i + offset, v]).filter(([, v]) => v != null);
+  const n = Math.max(slots - 1, 1);
   let lo = 0, hi = 1;
   if (kind === "sr") {
+    // from a tenth below the lowest tenth reached, so 90% does not sit on the floor
     const min = points.length ? Math.min(...points.map(([, v]) => v)) : 1;
-    lo = Math.min(0.9, Math.floor(min * 20) / 20);
+    lo = Math.max(0, Math.min(0.9, Math.floor(min * 10) / 10 - 0.1));
     hi = 1;
   } else {
     const max = points.length ? Math.max(...points.map(([, v]) => v)) : 0;
@@ -234,8 +242,10 @@ class Table {
     table.querySelector("thead").addEventListener("click", (event) => {
       const th = event.target.closest("th.sortable");
       if (!th) return;
+      const column = this.columns.find((c) => c.key === th.dataset.key);
       if (this.sortKey === th.dataset.key) this.sortDesc = !this.sortDesc;
-      else { this.sortKey = th.dataset.key; this.sortDesc = th.classList.contains("num"); }
+      // numbers biggest first, except success rates: the worst first is what one looks for
+      else { this.sortKey = th.dataset.key; this.sortDesc = column.desc ?? !!column.num; }
       redraw();
     });
     table.querySelector("tbody").addEventListener("click", (event) => {
@@ -251,7 +261,7 @@ function statColumns(nameLabel, link, history, extra = []) {
       cell: (r) => `<a href="${esc(link(r))}">${esc(r.name)}</a>` },
     ...extra,
     { key: "meshed", label: "Meshed", cell: (r) => esc(r.meshed), cls: "muted" },
-    { key: "success", label: "Success", num: true, sort: (r) => r.success_rate,
+    { key: "success", label: "Success", num: true, desc: false, sort: (r) => r.success_rate,
       cell: (r) => pill(r.success_rate) },
     { key: "rps", label: "RPS", num: true, sort: (r) => r.rps, cell: (r) => rps(r.rps) },
     { key: "p50", label: "P50", num: true, sort: (r) => r.latency_p50_ms,
@@ -379,7 +389,7 @@ function workloadPage(ns, name) {
   const routes = new Table([
     { key: "route", label: "Route", sort: (r) => r.route, cls: "mono", cell: (r) => esc(r.route) },
     { key: "service", label: "Service", sort: (r) => r.service, cell: (r) => esc(r.service) },
-    { key: "success", label: "Success", num: true, sort: (r) => r.success_rate,
+    { key: "success", label: "Success", num: true, desc: false, sort: (r) => r.success_rate,
       cell: (r) => pill(r.success_rate) },
     { key: "rps", label: "RPS", num: true, sort: (r) => r.rps, cell: (r) => rps(r.rps) },
     { key: "p50", label: "P50", num: true, sort: (r) => r.latency_p50_ms, cell: (r) => ms(r.latency_p50_ms) },
@@ -396,7 +406,7 @@ function workloadPage(ns, name) {
     { key: "best", label: "Best", num: true, sort: (r) => r.best_ms, cell: (r) => ms(r.best_ms) },
     { key: "worst", label: "Worst", num: true, sort: (r) => r.worst_ms, cell: (r) => ms(r.worst_ms) },
     { key: "last", label: "Last", num: true, sort: (r) => r.last_ms, cell: (r) => ms(r.last_ms) },
-    { key: "success", label: "Success", num: true, sort: (r) => r.success_rate,
+    { key: "success", label: "Success", num: true, desc: false, sort: (r) => r.success_rate,
       cell: (r) => pill(r.success_rate) },
   ], { empty: "No calls in the last minute.", sortKey: "count" });
   top.sortDesc = true;
@@ -508,8 +518,8 @@ function tapPage(params) {
           `<td>${dir}</td><td>${esc(peerName(first.source))}</td><td>${esc(peerName(first.destination))}</td>` +
           `<td class="mono">${esc(r.req ? r.req.method : "")}</td>` +
           `<td class="mono wrap">${esc(r.req ? r.req.path : "")}</td>` +
-          `<td class="num status ${status && status < 400 ? "ok" : ""}">${esc(status)}</td>` +
-          `<td class="status ${grpc === "OK" ? "ok" : ""}">${esc(grpc)}</td>` +
+          `<td class="num status ${status ? (status < 400 ? "ok" : status >= 500 ? "bad" : "") : ""}">${esc(status)}</td>` +
+          `<td class="status ${grpc ? (grpc === "OK" ? "ok" : "bad") : ""}">${esc(grpc)}</td>` +
           `<td class="num">${r.rsp ? us(r.rsp.latency_us) : ""}</td></tr>`;
       }).join("");
     }
