@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from shoal.schemas.metrics import (
     TopQuery,
 )
 from shoal.schemas.tap import DEFAULT_SESSION_TTL_SECONDS, TapOpen
-from shoal.services.tap.relay import follow
+from shoal.services.tap.relay import SessionEvents, follow
 
 from . import views
 from .history import tick_samples
@@ -75,6 +75,9 @@ TAP_BATCH_LIMIT = 100
 TAP_EXTEND_SECONDS = DEFAULT_SESSION_TTL_SECONDS / 3
 # Closing a session on the way out waits this long (it expires on its own anyway).
 TAP_CLOSE_TIMEOUT_SECONDS = 2.0
+
+
+Route = Callable[[dict[str, str]], Awaitable[Response | StreamResponse]]
 
 
 def json_response(status: int, value: object) -> Response:
@@ -119,7 +122,7 @@ class DashboardApi:
         self.static = load_static() if static is None else static
         self.streams = 0
         self.tap_streams = 0
-        self._routes: dict[str, Callable[[dict[str, str]], Any]] = {
+        self._routes: dict[str, Route] = {
             "/api/status": self._status,
             "/api/namespaces": self._namespaces,
             "/api/workloads": self._workloads,
@@ -142,8 +145,7 @@ class DashboardApi:
             return error_response(404, f"no such page: {request.path[:100]}")
         params = {key: values[-1] for key, values in request.query.items()}
         try:
-            result: Response | StreamResponse = await route(params)
-            return result
+            return await route(params)
         except views.BadParameter as error:
             return error_response(400, str(error))
         except (PlaneUnavailable, PlaneRefused) as error:
@@ -310,7 +312,7 @@ class DashboardApi:
 
         return StreamResponse(200, produce)
 
-    async def _relay(self, send: Send, session_id: str, events: Any) -> None:
+    async def _relay(self, send: Send, session_id: str, events: SessionEvents) -> None:
         loop = asyncio.get_running_loop()
         next_extend = loop.time() + TAP_EXTEND_SECONDS
         reported_drops = 0
