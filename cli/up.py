@@ -193,8 +193,10 @@ async def run_up(state_dir: Path, console: Console, nats_port: int) -> int:
                       f"{state_dir / 'nats'})")
         console.print(f"[bold]credentials[/] {state_dir / 'bus.json'} (roles: proxy, "
                       "controller, operator)")
-        for name in SERVICES:
-            child = await supervisor.start_service(name)
+        # Started together (they meet only on the bus, so order does not matter), then
+        # reported in order: start-up costs the slowest service, not the sum of them.
+        children = [await supervisor.start_service(name) for name in SERVICES]
+        for name, child in zip(SERVICES, children, strict=True):
             ready = await supervisor.wait_ready(child)
             state = "ready" if ready else "[red]not ready[/]"
             console.print(f"[bold]{name:<11}[/] {state}, health http://127.0.0.1:"

@@ -11,6 +11,7 @@ from shoal.schemas.metrics import (
     RequestRow,
     RoutesQuery,
     StatQuery,
+    StatRow,
     TopQuery,
 )
 from shoal.services.metrics import views
@@ -33,7 +34,7 @@ def _load(agg: Aggregator, reports: list[MetricsReport]) -> None:
         assert agg.add(report, report.interval_end) == "added"
 
 
-def _web(agg: Aggregator, now: float, window: float = 60.0) -> views.StatRow:
+def _web(agg: Aggregator, now: float, window: float = 60.0) -> StatRow:
     answer = views.stat(agg, StatQuery(namespace=NS, window_seconds=window), now)
     rows = [r for r in answer.rows if r.name == "web"]
     assert len(rows) == 1, answer.rows
