@@ -1,1 +1,1 @@
-"""The data plane: one proxy beside every workload."""
+"""The data plane: one proxy beside every workload (DESIGN.md "Data plane")."""
