@@ -15,6 +15,8 @@ import uuid
 import pytest
 from nats.aio.client import Client
 
+from shoal.proxy.metrics import ProxyMetrics
+from shoal.proxy.report import ReportBuilder, ReportIdentity, ReportPublisher
 from shoal.schemas import names
 from shoal.schemas.codec import Decoder, encode
 from shoal.schemas.errors import ErrorReply
@@ -176,3 +178,42 @@ async def test_prometheus_scrapes_the_aggregate(bus: Bus, operator: Client) -> N
                 assert not problems, problems
     finally:
         await proxy.close()
+
+
+async def test_proxy_counters_through_reports_to_stat(bus: Bus, operator: Client) -> None:
+    """The proxy's own counters (proxy/metrics.py) -> report publisher -> stat; a restart
+    (new counters, new instance) adds on, never subtracts."""
+    ns = f"counters-{uuid.uuid4().hex[:6]}"
+    service = MetricsService("m")
+    proxy_nc = await bus.client("proxy")
+    who = ReportIdentity(namespace=ns, workload="web", pod="web-1")
+    try:
+        async with in_process(bus, "metrics", service.install):
+            before = service.aggregator.accepted
+            sent = 0
+            for _life in range(2):  # the second life is the proxy restarted
+                counters = ProxyMetrics()
+                route = counters.request_metrics("inbound", {"route": "GET /api/vote",
+                                                             "src_workload": "vote-bot"})
+                publisher = ReportPublisher(ReportBuilder(who), counters.snapshot_deltas,
+                                            proxy_nc.publish)
+                for _tick in range(3):
+                    for i in range(100):
+                        route.request()
+                        failed = i % 10 == 0
+                        route.observe(500 if failed else 200, None, 3.0, not failed)
+                    await publisher.tick()
+                    sent += 1
+            await proxy_nc.flush()
+            await _until_accepted(service, before + sent)
+            stat = await _query(operator, StatQuery(namespace=ns, window_seconds=60))
+            assert isinstance(stat, StatAnswer)
+            web = stat.rows[0]
+            assert web.success_rate == pytest.approx(0.9)
+            assert web.latency_p50_ms is not None and 2 < web.latency_p50_ms <= 3
+            top = await _query(operator, TopQuery(name="web", namespace=ns))
+            assert isinstance(top, TopAnswer)
+            assert [(r.source, r.path, r.count) for r in top.rows] == [
+                ("vote-bot", "/api/vote", 600)]
+    finally:
+        await proxy_nc.close()
