@@ -197,10 +197,14 @@ async def run_up(state_dir: Path, console: Console, nats_port: int,
                       f"{state_dir / 'nats'})")
         console.print(f"[bold]credentials[/] {state_dir / 'bus.json'} (roles: proxy, "
                       "controller, operator)")
+        # Started together (they meet only on the bus, so order does not matter), then
+        # reported in order: start-up costs the slowest service, not the sum of them.
         dashboard_port = dashboard_port or free_port()
+        children = []
         for name in SERVICES:
             args = ("--port", str(dashboard_port)) if name == "dashboard" else ()
-            child = await supervisor.start_service(name, *args)
+            children.append(await supervisor.start_service(name, *args))
+        for name, child in zip(SERVICES, children, strict=True):
             ready = await supervisor.wait_ready(child)
             state = "ready" if ready else "[red]not ready[/]"
             console.print(f"[bold]{name:<11}[/] {state}, health http://127.0.0.1:"

@@ -324,10 +324,12 @@ class TapRegistry:
     async def watch(self, nc: Client, stopping: asyncio.Event) -> None:
         """Follow ``shoal_tap`` until ``stopping``; re-watch after bus errors, keeping
         the sessions known so far (they still expire on time)."""
+        failures = 0
         while not stopping.is_set():
             try:
                 kv = await nc.jetstream().key_value(names.BUCKET_TAP)
                 watcher = await kv.watchall()
+                failures = 0
                 try:
                     while not stopping.is_set():
                         try:
@@ -346,7 +348,10 @@ class TapRegistry:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("tap: watching %s failed (%s); retrying", names.BUCKET_TAP, error)
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG  # once, not 1/s
+                log.log(level, "tap: watching %s failed (%s); retrying every %ss",
+                        names.BUCKET_TAP, error, WATCH_RETRY_SECONDS)
                 self.expire()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), WATCH_RETRY_SECONDS)

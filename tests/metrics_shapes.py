@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from shoal.schemas.metrics import LATENCY_BUCKETS_MS, MetricsReport, RequestRow, TcpRow
+from typing import Any
+
+from shoal.schemas.metrics import LATENCY_BUCKETS_MS, Direction, MetricsReport, RequestRow, TcpRow
 
 N_BUCKETS = len(LATENCY_BUCKETS_MS) + 1
 
@@ -22,9 +24,10 @@ def web_rows(per_second: float, seconds: float, peer: str = "vote-bot",
     listing = round(total * 0.6)
     failing = round(total * 0.1)
     voting = total - listing - failing
-    common = {"direction": "inbound", "peer_namespace": "", "peer_workload": peer,
-              "authority": "web-svc.demo.svc.cluster.local:8080", "tls": tls,
-              "client_id": f"{peer}.demo.serviceaccount.identity.shoal.cluster.local"}
+    common: dict[str, Any] = {
+        "direction": "inbound", "peer_namespace": "", "peer_workload": peer,
+        "authority": "web-svc.demo.svc.cluster.local:8080", "tls": tls,
+        "client_id": f"{peer}.demo.serviceaccount.identity.shoal.cluster.local"}
     rows = [
         RequestRow(**common, route="GET /api/list", status_class="2xx", status_code=200,
                    success=True, requests=listing, latency_counts=counts_at(5, listing),
@@ -63,12 +66,9 @@ def series(namespace: str, workload: str, pod: str, *, instance: str, start: flo
     reports = []
     for i in range(int(seconds / interval)):
         begin = start + i * interval
-        if rows == "web":
-            requests = web_rows(per_second, interval)
-            direction = "inbound"
-        else:
-            requests = bot_rows(per_second, interval)
-            direction = "outbound"
+        direction: Direction = "inbound" if rows == "web" else "outbound"
+        requests = web_rows(per_second, interval) if rows == "web" else bot_rows(
+            per_second, interval)
         tcp = [TcpRow(direction=direction, peer_workload="vote-bot" if rows == "web" else "web",
                       tls=True, opens=1, closes=1, open_connections=open_connections,
                       read_bytes=int(1000 * interval), write_bytes=int(5000 * interval))]

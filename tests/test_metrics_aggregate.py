@@ -11,6 +11,7 @@ from shoal.schemas.metrics import (
     RequestRow,
     RoutesQuery,
     StatQuery,
+    StatRow,
     TopQuery,
 )
 from shoal.services.metrics import views
@@ -33,7 +34,7 @@ def _load(agg: Aggregator, reports: list[MetricsReport]) -> None:
         assert agg.add(report, report.interval_end) == "added"
 
 
-def _web(agg: Aggregator, now: float, window: float = 60.0) -> views.StatRow:
+def _web(agg: Aggregator, now: float, window: float = 60.0) -> StatRow:
     answer = views.stat(agg, StatQuery(namespace=NS, window_seconds=window), now)
     rows = [r for r in answer.rows if r.name == "web"]
     assert len(rows) == 1, answer.rows
@@ -129,6 +130,32 @@ def test_prune_forgets_what_is_older_than_the_retention() -> None:
     _load(agg, series(NS, "web", "web-1", instance="a", start=T0, seconds=10, per_second=1))
     agg.prune(T0 + 2 * RETENTION_SECONDS)
     assert agg.pods == {}
+
+
+def test_compaction_keeps_the_answers() -> None:
+    agg = Aggregator()
+    _load(agg, series(NS, "web", "web-1", instance="a", start=T0, seconds=1800,
+                      per_second=100, interval=5))
+    now = T0 + 1800
+    queries = [StatQuery(namespace=NS, window_seconds=w) for w in (60, 600, 1800)]
+    before = [views.stat(agg, q, now).rows[0] for q in queries]
+    top_before = views.top(agg, TopQuery(name="web", namespace=NS, window_seconds=1800), now)
+    agg.prune(now)
+    entries = agg.pods[next(iter(agg.pods))].entries
+    assert len(entries) == 27 + 12 + 24  # minute-long entries, then three minutes of 5 s
+    after = [views.stat(agg, q, now).rows[0] for q in queries]
+    for b, a in zip(before, after, strict=True):
+        assert a.rps == pytest.approx(b.rps, rel=0.01)
+        assert a.success_rate == pytest.approx(b.success_rate, abs=1e-9)
+        assert a.latency_p99_ms == pytest.approx(b.latency_p99_ms, rel=0.01)
+    top_after = views.top(agg, TopQuery(name="web", namespace=NS, window_seconds=1800), now)
+    assert top_after == top_before
+    # A report that arrives late, into the compacted past, still counts.
+    late = series(NS, "web", "web-1", instance="late", start=T0 + 100, seconds=5,
+                  per_second=1000, interval=5)[0]
+    assert agg.add(late, now) == "added"
+    rows = views.stat(agg, StatQuery(namespace=NS, window_seconds=1800), now).rows
+    assert rows[0].rps == pytest.approx(after[2].rps + 5000 / 1800, rel=0.01)
 
 
 def test_percentiles_interpolate_inside_linkerds_buckets() -> None:

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from msgspec.structs import replace
 
 from shoal.schemas.metrics import (
     LATENCY_BUCKETS_MS,
@@ -42,6 +45,12 @@ STALE_AFTER_SECONDS = 15.0
 MAX_PODS = 10_000
 MAX_ENTRIES_PER_POD = 3600
 N_BUCKETS = len(LATENCY_BUCKETS_MS) + 1  # + the +Inf bucket
+# Reports older than this are merged into entries of about a minute each (rows with the
+# same labels summed), so an hour-long window reads ~60 entries per pod, not ~720; short
+# windows (up to two minutes) still see every report. A window edge inside a merged
+# entry takes its share in proportion, as with any report.
+COMPACT_AFTER_SECONDS = 120.0
+COMPACT_SPAN_SECONDS = 60.0
 
 
 @dataclass(frozen=True, order=True)
@@ -59,6 +68,7 @@ class Entry:
     end: float
     requests: tuple[RequestRow, ...]
     tcp: tuple[TcpRow, ...]
+    compacted: bool = False
 
 
 @dataclass
@@ -159,7 +169,11 @@ class Aggregator:
             return "too_late"
         pod.seen[marker] = report.interval_end
         start = min(report.interval_start, report.interval_end)
-        entry = Entry(start, report.interval_end, tuple(report.requests[:MAX_REPORT_ROWS]),
+        requests = tuple(
+            row if len(row.latency_counts) == N_BUCKETS
+            else replace(row, latency_counts=normalised_counts(row.latency_counts))
+            for row in report.requests[:MAX_REPORT_ROWS])
+        entry = Entry(start, report.interval_end, requests,
                       tuple(report.tcp[:MAX_REPORT_ROWS]))
         index = bisect.bisect_right(pod.ends, entry.end)
         pod.entries.insert(index, entry)
@@ -176,7 +190,8 @@ class Aggregator:
         return "added"
 
     def prune(self, now: float) -> None:
-        """Forget reports older than the retention, and pods left with none."""
+        """Forget reports older than the retention, and pods left with none; merge
+        reports older than ``COMPACT_AFTER_SECONDS`` into minute-long entries."""
         horizon = now - RETENTION_SECONDS - LATE_SLACK_SECONDS
         for key in list(self.pods):
             pod = self.pods[key]
@@ -186,6 +201,8 @@ class Aggregator:
                 pod.seen = {m: end for m, end in pod.seen.items() if end >= horizon}
             if not pod.entries:
                 del self.pods[key]
+                continue
+            _compact(pod, now - COMPACT_AFTER_SECONDS)
 
     def fresh(self, pod: PodState, now: float) -> bool:
         return now - pod.last_received <= STALE_AFTER_SECONDS
@@ -227,6 +244,80 @@ class Aggregator:
                 yield pod
 
 
+_RowKey = tuple[object, ...]
+
+
+def _request_key(row: RequestRow) -> _RowKey:
+    return (row.direction, row.peer_namespace, row.peer_workload, row.peer_service,
+            row.authority, row.route, row.status_class, row.status_code, row.grpc_status,
+            row.success, row.tls, row.client_id, row.server_id)
+
+
+def _merge_requests(rows: list[RequestRow]) -> RequestRow:
+    first = rows[0]
+    counts = first.latency_counts
+    for row in rows[1:]:
+        counts = list(map(operator.add, counts, row.latency_counts))
+    mins = [r.latency_min_ms for r in rows if r.latency_min_ms is not None]
+    maxes = [r.latency_max_ms for r in rows if r.latency_max_ms is not None]
+    newest = max(rows, key=lambda r: r.last_at)
+    return replace(first, requests=sum(r.requests for r in rows), latency_counts=counts,
+                   latency_sum_ms=sum(r.latency_sum_ms for r in rows),
+                   latency_min_ms=min(mins) if mins else None,
+                   latency_max_ms=max(maxes) if maxes else None,
+                   latency_last_ms=newest.latency_last_ms, last_at=newest.last_at)
+
+
+def _merge_tcp(rows: list[TcpRow]) -> TcpRow:
+    return replace(rows[-1], opens=sum(r.opens for r in rows),
+                   closes=sum(r.closes for r in rows),
+                   read_bytes=sum(r.read_bytes for r in rows),
+                   write_bytes=sum(r.write_bytes for r in rows))  # the newest gauge
+
+
+def _merge(entries: list[Entry]) -> Entry:
+    requests: dict[_RowKey, list[RequestRow]] = {}
+    tcp: dict[_RowKey, list[TcpRow]] = {}
+    for entry in entries:  # in time order, so the last TCP row holds the newest gauge
+        for row in entry.requests:
+            requests.setdefault(_request_key(row), []).append(row)
+        for tcp_row in entry.tcp:
+            key = (tcp_row.direction, tcp_row.peer_namespace, tcp_row.peer_workload,
+                   tcp_row.tls)
+            tcp.setdefault(key, []).append(tcp_row)
+    return Entry(min(e.start for e in entries), max(e.end for e in entries),
+                 tuple(_merge_requests(rows) for rows in requests.values()),
+                 tuple(_merge_tcp(rows) for rows in tcp.values()), compacted=True)
+
+
+def _compact(pod: PodState, before: float) -> None:
+    """Merge runs of not-yet-compacted entries that end before ``before`` into entries of
+    about ``COMPACT_SPAN_SECONDS``; a run shorter than that waits for more."""
+    out: list[Entry] = []
+    run: list[Entry] = []
+    changed = False
+    for entry in pod.entries:
+        if entry.compacted or entry.end >= before:
+            if len(run) > 1 and run[-1].end - run[0].start >= COMPACT_SPAN_SECONDS:
+                out.append(_merge(run))
+                changed = True
+            else:
+                out.extend(run)
+            run = []
+            out.append(entry)
+            continue
+        run.append(entry)
+        if run[-1].end - run[0].start >= COMPACT_SPAN_SECONDS:
+            out.append(_merge(run) if len(run) > 1 else run[0])
+            changed = changed or len(run) > 1
+            run = []
+    out.extend(run)
+    if changed:
+        out.sort(key=lambda e: e.end)
+        pod.entries = out
+        pod.ends = [e.end for e in out]
+
+
 @dataclass
 class RequestTotals:
     """Requests summed over pods and reports: counts, a rate, a histogram, samples."""
@@ -239,6 +330,7 @@ class RequestTotals:
     worst_ms: float = 0.0
     last_ms: float = 0.0
     last_at: float = -math.inf
+    samples: bool = False  # best / worst / last: only `top` needs them
 
     def add(self, row: RequestRow, fraction: float, span: Span, entry_end: float) -> None:
         count = row.requests * fraction
@@ -246,10 +338,14 @@ class RequestTotals:
         if row.success:
             self.successes += count
         self.rate += count / span.seconds
-        for index, n in enumerate(normalised_counts(row.latency_counts)):
-            if n:
-                self.buckets[index] += n * fraction
-        if row.requests:
+        counts = row.latency_counts
+        if len(counts) != N_BUCKETS:
+            counts = normalised_counts(counts)
+        if fraction == 1.0:
+            self.buckets = list(map(operator.add, self.buckets, counts))
+        else:
+            self.buckets = [b + c * fraction for b, c in zip(self.buckets, counts, strict=True)]
+        if self.samples and row.requests:
             self._samples(row, entry_end)
 
     def _samples(self, row: RequestRow, entry_end: float) -> None:

@@ -128,6 +128,7 @@ class MetricsService:
                             CATCH_UP_TIMEOUT_SECONDS)
             log.info("%s: replayed %d reports in %.2fs (stream seq %d)", self.replica,
                      self.replayed, time.monotonic() - started, self._handled_seq)
+            self.aggregator.prune(time.time())  # compact the replayed hour at once
         if self.prom_port is not None:
             self._prom_server = await asyncio.start_server(
                 self._serve_prom, self.prom_host, self.prom_port, limit=PROM_HEAD_LIMIT)

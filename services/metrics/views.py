@@ -286,7 +286,9 @@ def top(agg: Aggregator, query: TopQuery, now: float) -> TopAnswer:
                     continue  # counted by the destination's inbound rows
                 source, destination = key.pod, peer
             method, path = split_route(row.route)
-            acc = totals.setdefault((source, destination, method, path), RequestTotals())
+            acc = totals.get((source, destination, method, path))
+            if acc is None:
+                acc = totals[(source, destination, method, path)] = RequestTotals(samples=True)
             acc.add(row, fraction, span, entry.end)
     rows = [
         TopRow(source=s, destination=d, method=m, path=p, count=round(acc.requests),

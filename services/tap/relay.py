@@ -57,6 +57,7 @@ async def follow(nc: Client, session: TapSession,
         events.offer(msg.data, msg.subject)
 
     subscription = await nc.subscribe(events.subject, cb=on_message)
+    await nc.flush()  # the server has the subscription before we say we follow
     try:
         yield events
     finally:
