@@ -43,11 +43,14 @@ def version() -> None:
 def up(
     state_dir: StateDir = None,
     nats_port: Annotated[int, typer.Option(help="NATS client port (-1: any free port)")] = -1,
+    dashboard_port: Annotated[int, typer.Option(
+        min=0, max=65535, help="web dashboard port on 127.0.0.1 (0: any free port)")] = 8084,
 ) -> None:
     """Start the bus (NATS with JetStream) and the control plane on this machine."""
     from .up import run_up
 
-    status = asyncio.run(run_up(state_dir or default_state_dir(), console(), nats_port))
+    status = asyncio.run(run_up(state_dir or default_state_dir(), console(), nats_port,
+                                dashboard_port))
     raise typer.Exit(status)
 
 
@@ -82,6 +85,10 @@ app.add_typer(_policy.app, name="policy")
 from . import identity as _identity  # noqa: E402  (registers `shoal identity`)
 
 app.add_typer(_identity.app, name="identity")
+
+from . import viz as _viz  # noqa: E402  (registers `shoal viz`)
+
+app.add_typer(_viz.app, name="viz")
 
 
 def main() -> None:

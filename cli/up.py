@@ -39,7 +39,9 @@ from shoal.kernel.process import die_with_parent
 from .identity import ensure_identity
 
 # The control-plane services that exist, in start order.
-SERVICES: tuple[str, ...] = ("destination", "policy", "identity")
+SERVICES: tuple[str, ...] = ("destination", "policy", "identity", "tap", "metrics",
+                             "dashboard")
+DASHBOARD_PORT = 8084  # services/dashboard's default port, on 127.0.0.1
 CHILD_STOP_TIMEOUT_SECONDS = 12.0  # a service drains in-flight work within 10 s
 READY_TIMEOUT_SECONDS = 20.0
 LOG_LINE_LIMIT = 64 * 1024
@@ -110,11 +112,12 @@ class Supervisor:
         self.children.append(child)
         child.pump = asyncio.create_task(self._pump(child, colour))
 
-    async def start_service(self, name: str) -> Child:
+    async def start_service(self, name: str, *args: str) -> Child:
         port = free_port()
         child = Child(
             name=name,
-            argv=[sys.executable, "-m", f"shoal.services.{name}", "--health-port", str(port)],
+            argv=[sys.executable, "-m", f"shoal.services.{name}", "--health-port", str(port),
+                  *args],
             # The state directory tells a service where its files are (identity's issuer).
             env={**bus_environment(self.settings("controller")),
                  ENV_STATE_DIR: str(self.state_dir)},
@@ -189,7 +192,9 @@ class Supervisor:
             await asyncio.to_thread(self.nats.stop)
 
 
-async def run_up(state_dir: Path, console: Console, nats_port: int) -> int:
+async def run_up(state_dir: Path, console: Console, nats_port: int,
+                 dashboard_port: int = DASHBOARD_PORT) -> int:
+    """``dashboard_port`` 0 picks a free port (tests; a second ``shoal up``)."""
     supervisor = Supervisor(state_dir=state_dir, console=console, nats_port=nats_port)
     supervisor.install_signal_handlers()
     try:
@@ -207,12 +212,20 @@ async def run_up(state_dir: Path, console: Console, nats_port: int) -> int:
         if created is not None:
             console.print(f"[bold]identity[/]    new trust anchor and issuer in "
                           f"{created.identity_dir} (anchor key: {created.anchor_dir})")
+        # Started together (they meet only on the bus, so order does not matter), then
+        # reported in order: start-up costs the slowest service, not the sum of them.
+        dashboard_port = dashboard_port or free_port()
+        children = []
         for name in SERVICES:
-            child = await supervisor.start_service(name)
+            args = ("--port", str(dashboard_port)) if name == "dashboard" else ()
+            children.append(await supervisor.start_service(name, *args))
+        for name, child in zip(SERVICES, children, strict=True):
             ready = await supervisor.wait_ready(child)
             state = "ready" if ready else "[red]not ready[/]"
             console.print(f"[bold]{name:<11}[/] {state}, health http://127.0.0.1:"
                           f"{child.health_port}/ready")
+            if name == "dashboard" and ready:
+                console.print(f"[bold]{'':<11}[/] open http://127.0.0.1:{dashboard_port}/")
         hint = "" if state_dir == default_state_dir() else f" (SHOAL_STATE_DIR={state_dir})"
         console.print(f"Other shells find this bus through {state_dir / 'bus.json'}{hint}. "
                       "Ctrl-C stops everything.")

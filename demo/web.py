@@ -19,9 +19,10 @@ import signal
 from dataclasses import dataclass
 from importlib import resources
 
+from shoal.kernel.httpserve import HttpServer, Request, Response, error_response, json_response
+
 from . import common
 from .catalog import VOTE_METHODS
-from .httpserve import HttpServer, Request, Response, error_response, json_response
 from .rpc import EmojiClient, RpcFailure, VotingClient, insecure_channel
 
 log = logging.getLogger("shoal.demo.web")

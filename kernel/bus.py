@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shoal.schemas import names
@@ -48,6 +48,12 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(names.BUCKET_TAP, 1, 60, "open tap sessions"),
 )
 BUCKETS_BY_NAME = {spec.name: spec for spec in BUCKETS}
+
+# The metrics stream keeps an hour of reports (the longest `viz -t` window) so that a
+# metrics replica that starts late replays it; bounded in bytes too, oldest dropped first
+# (256 MiB: an hour of 5 s reports from ~100 busy pods at ~30 KB each).
+METRICS_STREAM_MAX_AGE_SECONDS = 3600.0
+METRICS_STREAM_MAX_BYTES = 256 * 1024 * 1024
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
 EventCallback = Callable[[], Awaitable[None]]
@@ -135,4 +141,27 @@ async def ensure_buckets(js: JetStreamContext, replicas: int = 1) -> dict[str, K
         out[spec.name] = await js.create_key_value(config=config)
         log.info("created bucket %s (history %d, ttl %ss, replicas %d)",
                  spec.name, spec.history, spec.ttl_seconds, replicas)
+    await ensure_streams(js, replicas)
     return out
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the metrics stream if missing (controller or operator role; proxies only
+    publish plain messages on its subjects, which JetStream stores)."""
+    try:
+        await js.stream_info(names.STREAM_METRICS)
+        return
+    except NotFoundError:
+        pass
+    await js.add_stream(StreamConfig(
+        name=names.STREAM_METRICS,
+        description="metrics reports of the last hour, replayed by late metrics replicas",
+        subjects=[names.METRICS_REPORTS_ALL],
+        max_age=METRICS_STREAM_MAX_AGE_SECONDS,
+        max_bytes=METRICS_STREAM_MAX_BYTES,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+    ))
+    log.info("created stream %s (max age %ss, replicas %d)", names.STREAM_METRICS,
+             METRICS_STREAM_MAX_AGE_SECONDS, replicas)

@@ -15,7 +15,7 @@ from .events import ControlEvent
 from .identity import CertifyReply, CertifyRequest, TrustBundle
 from .metrics import MetricsAnswer, MetricsQuery, MetricsReport
 from .policy import PolicyApplyReply, PolicyApplyRequest, PolicyDocument, StoredPolicy
-from .tap import TapEvent, TapSession
+from .tap import TapEvent, TapSession, TapSessionReply, TapSessionRequest
 
 Kind = Literal["kv", "publish", "request/reply"]
 
@@ -45,6 +45,10 @@ CONTRACT: tuple[ContractRow, ...] = (
     ContractRow(name=f"{names.TAP_PREFIX}.<ns>.<workload>.<pod>", kind="publish",
                 writer="proxies", readers="tap, CLI, dashboard, any subscriber",
                 message="TapRequestStart | TapResponseStart | TapResponseEnd"),
+    ContractRow(name=names.TAP_SESSION, kind="request/reply", writer="CLI, dashboard",
+                readers="tap",
+                message="TapOpen | TapExtend | TapClose -> TapSessionGranted | "
+                        "TapSessionClosed"),
     ContractRow(name=f"{names.METRICS_PREFIX}.<ns>.<workload>.<pod>", kind="publish",
                 writer="proxies", readers="metrics", message="MetricsReport"),
     ContractRow(name=names.METRICS_QUERY, kind="request/reply", writer="CLI, dashboard",
@@ -73,6 +77,8 @@ MESSAGE_TYPES: dict[str, Any] = {
     "PolicyApplyReply": PolicyApplyReply,
     "TapSession": TapSession,
     "TapEvent": TapEvent,
+    "TapSessionRequest": TapSessionRequest,
+    "TapSessionReply": TapSessionReply,
     "MetricsReport": MetricsReport,
     "MetricsQuery": MetricsQuery,
     "MetricsAnswer": MetricsAnswer,

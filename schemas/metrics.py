@@ -17,8 +17,10 @@ LATENCY_BUCKETS_MS: tuple[int, ...] = (
     4000, 5000, 10000, 20000, 30000, 40000, 50000,
 )
 
-# A report holds at most this many request and TCP rows; the rest are folded into one
-# row per direction with empty peer and route (counted in `dropped_rows`).
+# A report holds at most this many request and TCP rows together; the rest are folded
+# into rows with empty peer and route, one per direction, status class and outcome for
+# requests and one per direction for TCP (the number folded is `dropped_rows`). 512 rows
+# of ~450 bytes of JSON keep a report near 230 KB, under NATS's 1 MB default payload.
 MAX_REPORT_ROWS = 512
 
 Direction = Literal["inbound", "outbound"]
@@ -42,6 +44,12 @@ class RequestRow(msgspec.Struct, frozen=True, kw_only=True, array_like=False):
     requests: Annotated[int, msgspec.Meta(ge=0)] = 0
     latency_counts: list[int] = msgspec.field(default_factory=list)  # len 26 (+Inf)
     latency_sum_ms: float = 0.0
+    # Per-request samples for `viz top` (best / worst / last), optional: a reader that
+    # finds them missing falls back to the histogram's bucket bounds.
+    latency_min_ms: float | None = None
+    latency_max_ms: float | None = None
+    latency_last_ms: float | None = None
+    last_at: float = 0.0  # unix seconds of the last request counted in this row
 
 
 class TcpRow(msgspec.Struct, frozen=True, kw_only=True):

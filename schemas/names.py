@@ -27,6 +27,10 @@ TAP_PREFIX = f"{PREFIX}.tap"
 METRICS_PREFIX = f"{PREFIX}.metrics"
 METRICS_QUERY = f"{PREFIX}.metrics.query"
 POLICY_APPLY = f"{PREFIX}.policy.apply"
+# Tap sessions are opened through the tap service; not under `shoal.v1.tap.>`, so that a
+# subscriber to every tap event never sees session requests, and proxies (which may
+# publish tap events) cannot open sessions.
+TAP_SESSION = f"{PREFIX}.tapctl.session"
 EVENTS_PREFIX = f"{PREFIX}.events"
 
 # Wildcards a subscriber uses. Metrics reports have three tokens after the prefix, so
@@ -40,6 +44,11 @@ QUEUE_IDENTITY = "shoal-identity"
 QUEUE_DESTINATION = "shoal-destination"
 QUEUE_POLICY = "shoal-policy"
 QUEUE_METRICS = "shoal-metrics"
+QUEUE_TAP = "shoal-tap"
+
+# JetStream stream that keeps the last hour of metrics reports, so a metrics replica that
+# starts late replays it and answers like the others (docs/observability.md).
+STREAM_METRICS = "SHOAL_METRICS"
 
 _UNSAFE_TOKEN = re.compile(r"[^A-Za-z0-9_\-]")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")

@@ -14,6 +14,7 @@ Direction = Literal["inbound", "outbound"]
 
 DEFAULT_MAX_RPS = 100.0  # Linkerd's `tap --max-rps` default
 DEFAULT_SESSION_TTL_SECONDS = 30.0
+MAX_SESSION_TTL_SECONDS = 60.0  # the shoal_tap bucket's TTL: a longer session would vanish
 MAX_BODY_CAPTURE_BYTES = 64 * 1024
 
 
@@ -31,6 +32,7 @@ class TapFilter(msgspec.Struct, frozen=True, kw_only=True):
     authority: str = ""
     method: str = ""
     path_prefix: str = ""
+    scheme: str = ""  # "http", "https" (as Linkerd's `tap --scheme`)
 
 
 class TapSession(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,3 +89,48 @@ class TapResponseEnd(_TapEventBase, frozen=True, kw_only=True, tag="response_end
 
 
 TapEvent = TapRequestStart | TapResponseStart | TapResponseEnd
+
+
+# Session requests on ``shoal.v1.tapctl.session`` (request/reply, the tap service).
+
+
+class TapOpen(msgspec.Struct, frozen=True, kw_only=True, tag="open"):
+    """Open a session; the reply carries its id and the subjects its events arrive on."""
+
+    filter: TapFilter = msgspec.field(default_factory=TapFilter)
+    max_rps: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = DEFAULT_MAX_RPS
+    ttl_seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_SESSION_TTL_SECONDS)] = (
+        DEFAULT_SESSION_TTL_SECONDS
+    )
+    capture_body: bool = False
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_BODY_CAPTURE_BYTES)] = 0
+    redact_headers: list[str] = msgspec.field(default_factory=list)
+    opened_by: str = ""
+
+
+class TapExtend(msgspec.Struct, frozen=True, kw_only=True, tag="extend"):
+    id: str
+    ttl_seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_SESSION_TTL_SECONDS)] = (
+        DEFAULT_SESSION_TTL_SECONDS
+    )
+
+
+class TapClose(msgspec.Struct, frozen=True, kw_only=True, tag="close"):
+    id: str
+
+
+TapSessionRequest = TapOpen | TapExtend | TapClose
+
+
+class TapSessionGranted(msgspec.Struct, frozen=True, kw_only=True, tag="granted"):
+    """The session as stored (``max_rps`` may be lower than asked: the service's cap)."""
+
+    session: TapSession
+    subject: str  # subscribe here; events carry the session id in ``sessions``
+
+
+class TapSessionClosed(msgspec.Struct, frozen=True, kw_only=True, tag="closed"):
+    id: str
+
+
+TapSessionReply = TapSessionGranted | TapSessionClosed

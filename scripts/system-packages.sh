@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that the tests and benchmarks drive as real programs:
 # curl (HTTP client), wrk and h2load (load), haproxy and nginx (benchmark peers and
-# upstreams), iproute2 and iptables (network-namespace tests). Runs apt only when
+# upstreams), iproute2 and iptables (network-namespace tests), chromium (the dashboard's
+# browser test, driven by Playwright; no browser download). Runs apt only when
 # something is missing; without root it says what to install and carries on.
 set -euo pipefail
 need=()
@@ -12,6 +13,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
+command -v chromium >/dev/null || need+=(chromium)
 ((${#need[@]})) || exit 0
 if [[ $(id -u) -ne 0 ]]; then
     if command -v sudo >/dev/null; then SUDO=sudo; else

@@ -56,11 +56,16 @@ from shoal.schemas.policy import (
 )
 from shoal.schemas.tap import (
     Peer,
+    TapClose,
+    TapExtend,
     TapFilter,
+    TapOpen,
     TapRequestStart,
     TapResponseEnd,
     TapResponseStart,
     TapSession,
+    TapSessionClosed,
+    TapSessionGranted,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,6 +105,11 @@ SAMPLES: dict[str, list[Any]] = {
                          PolicyRejected(errors=[PolicyError(path="$.x", message="bad")])],
     "TapSession": [TapSession(id="s1", filter=TapFilter(namespace="emojivoto",
                                                         path_prefix="/api"))],
+    "TapSessionRequest": [TapOpen(filter=TapFilter(workload="web"), max_rps=10),
+                          TapExtend(id="s1"), TapClose(id="s1")],
+    "TapSessionReply": [TapSessionGranted(session=TapSession(id="s1"),
+                                          subject="shoal.v1.tap.emojivoto.>"),
+                        TapSessionClosed(id="s1")],
     "TapEvent": [
         TapRequestStart(id="1:1", direction="inbound", source=_peer, method="GET",
                         path="/api/vote", headers={"authorization": "<redacted>"}),

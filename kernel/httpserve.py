@@ -1,12 +1,15 @@
-"""A small HTTP/1.1 server on asyncio streams and httptools, enough for web: GET and
-HEAD (a body, if sent, is read and ignored), keep-alive, pipelined requests answered in
-order, bounded heads and bodies, timeouts, and a graceful stop.
+"""A small HTTP/1.1 server on asyncio streams and httptools, shared by the demo's web
+service and the dashboard: GET and HEAD (a body, if sent, is read and ignored),
+keep-alive, pipelined requests answered in order, bounded heads and bodies, timeouts,
+streamed responses (server-sent events) and a graceful stop.
 
-Handlers are ``async (Request) -> Response``; each connection is its own task, so a
-request waiting on gRPC never holds up another connection. Anything the parser rejects
+Handlers are ``async (Request) -> Response | StreamResponse``; each connection is its own
+task, so a slow handler never holds up another connection. Anything the parser rejects
 gets a 4xx and the connection is closed; a handler that raises gets a 500 with a JSON
-error and the server carries on. There is no TLS and no chunked responses: the demo
-serves small JSON bodies and two static files.
+error and the server carries on. A ``StreamResponse`` is sent with chunked encoding and
+ends the connection when its producer returns; the producer is cancelled as soon as the
+peer goes away (its ``finally`` is where it lets go of what it holds). There is no TLS:
+both users listen on loopback.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from urllib.parse import parse_qs, unquote
 
 import httptools
 
-log = logging.getLogger("shoal.demo.http")
+log = logging.getLogger("shoal.http")
 
 # A request head (request line and headers) larger than this is refused with 431.
 # 16 KiB is twice what browsers send with cookies and matches common servers' limits
@@ -38,8 +41,9 @@ READ_CHUNK_BYTES = 64 * 1024
 IDLE_TIMEOUT_SECONDS = 30.0
 # A request whose head or body stops arriving part-way is dropped after this long.
 READ_TIMEOUT_SECONDS = 10.0
-# A handler gets this long; web's gRPC calls have 5 s deadlines, so this fires only on
-# a bug, and the client then gets a 504 instead of a hang.
+# A handler gets this long to answer (a stream: to start); web's gRPC calls have 5 s
+# deadlines and the dashboard's bus requests 5 s timeouts, so this fires only on a bug,
+# and the client then gets a 504 instead of a hang.
 HANDLER_TIMEOUT_SECONDS = 15.0
 # Writes wait this long for the peer to take our bytes (a stalled reader).
 WRITE_TIMEOUT_SECONDS = 10.0
@@ -50,8 +54,12 @@ MAX_PIPELINED_REQUESTS = 16
 # soft limit on open files, and far beyond what the demo's traffic (a bot at 1 round/s, a
 # browser, a benchmark's few dozen connections) opens.
 MAX_CONNECTIONS = 1000
-# On stop, requests in progress get this long to finish before connections are cut.
+# On stop, requests in progress get this long to finish before connections are cut
+# (streams are not waited for: they would run forever).
 STOP_GRACE_SECONDS = 2.0
+# What a peer may send while it receives a stream (it should send nothing): past this
+# the stream ends. One more request head's worth.
+MAX_BYTES_DURING_STREAM = MAX_HEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,24 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Send = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StreamResponse:
+    """A response whose body ``produce(send)`` writes piece by piece until it returns.
+
+    ``send`` raises ``ConnectionError`` or ``TimeoutError`` when the peer is gone or
+    stalled; the producer is cancelled when the peer closes its side.
+    """
+
+    status: int
+    produce: Callable[[Send], Awaitable[None]]
+    content_type: str = "text/event-stream; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 
 
 def json_response(status: int, value: object) -> Response:
@@ -98,6 +123,22 @@ def render(response: Response, keep_alive: bool, head_only: bool) -> bytes:
     lines += [f"{name}: {value}" for name, value in response.headers]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + response.body
+
+
+def render_stream_head(response: StreamResponse) -> bytes:
+    reason = HTTPStatus(response.status).phrase
+    lines = [f"HTTP/1.1 {response.status} {reason}",
+             f"Content-Type: {response.content_type}",
+             "Transfer-Encoding: chunked",
+             "Cache-Control: no-store",
+             "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in response.headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 section 7.1); empty data is the last one."""
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
 class RequestTooLarge(Exception):
@@ -203,6 +244,10 @@ class HttpServer:
             await self._serve(reader, writer, task)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away or stalled; nothing to answer
+        except asyncio.CancelledError:
+            # stop() cut the connection. Ending the task normally matters: asyncio (3.11)
+            # calls exception() on a cancelled connection task and logs the error.
+            pass
         finally:
             self._connections.discard(task)
             self._busy.discard(task)
@@ -231,12 +276,54 @@ class HttpServer:
             self._busy.add(task)
             try:
                 response = await self._respond(request)
+                if isinstance(response, StreamResponse):
+                    self._busy.discard(task)  # a stream may run for hours: stop cuts it
+                    await self._stream(reader, writer, request, response)
+                    return
                 await self._write(writer, render(response, request.keep_alive,
                                                  request.method == "HEAD"))
             finally:
                 self._busy.discard(task)
             if not request.keep_alive:
                 return
+
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      request: Request, response: StreamResponse) -> None:
+        """Send a streamed body until the producer returns or the peer goes away."""
+        await self._write(writer, render_stream_head(response))
+        if request.method == "HEAD":
+            return
+
+        async def send(data: bytes) -> None:
+            if data:
+                await self._write(writer, chunk(data))
+
+        producer = asyncio.ensure_future(response.produce(send))
+        watcher = asyncio.ensure_future(self._until_peer_leaves(reader))
+        try:
+            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in (producer, watcher):
+                future.cancel()
+            # the producer's cleanup (closing what it opened) runs here, bounded
+            await asyncio.wait((producer, watcher), timeout=STOP_GRACE_SECONDS)
+        if producer.done() and not producer.cancelled() and producer.exception() is None:
+            await self._write(writer, chunk(b""))
+        elif producer.done() and not producer.cancelled():
+            error = producer.exception()
+            if not isinstance(error, ConnectionError | TimeoutError):
+                log.error("%s %s %s: stream failed: %r", self._name, request.method,
+                          request.path, error)
+
+    @staticmethod
+    async def _until_peer_leaves(reader: asyncio.StreamReader) -> None:
+        """Returns when the peer closes its side (or sends more than a stream allows)."""
+        received = 0
+        while received <= MAX_BYTES_DURING_STREAM:
+            data = await reader.read(READ_CHUNK_BYTES)
+            if not data:
+                return
+            received += len(data)
 
     @staticmethod
     def _feed(parser: httptools.HttpRequestParser, data: bytes) -> int | None:
@@ -252,7 +339,7 @@ class HttpServer:
             return 400
         return None
 
-    async def _respond(self, request: Request) -> Response:
+    async def _respond(self, request: Request) -> Response | StreamResponse:
         try:
             return await asyncio.wait_for(self._handler(request), HANDLER_TIMEOUT_SECONDS)
         except TimeoutError:
