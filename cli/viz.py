@@ -62,7 +62,8 @@ from shoal.schemas.tap import (
     TapSessionReply,
 )
 from shoal.services.metrics.views import BadResource, Resource, parse_resource
-from shoal.services.tap.relay import follow
+from shoal.services.tap.relay import SessionEvents, follow
+from shoal.services.tap.sessions import filter_subject
 
 from .busclient import (
     REQUEST_TIMEOUT_SECONDS,
@@ -527,38 +528,40 @@ async def _tap(request: TapOpen, output: str, url: str | None, user: str | None,
     _stop_on_signals(stop)
     nc = await operator_connection(url, user, password, tls_ca)
     try:
-        granted = await _session_call(nc, request)
-        assert isinstance(granted, TapSessionGranted)
-        session: TapSession = granted.session
-        if session.max_rps < request.max_rps:
-            typer.echo(f"note: --max-rps lowered to {session.max_rps:g} by the tap service",
-                       err=True)
-        try:
-            await _print_events(nc, session, output, stop)
-        finally:
-            with contextlib.suppress(Exception):
-                await _session_call(nc, TapClose(id=session.id))
+        # Subscribe first: proxies publish as soon as the session is in the bucket.
+        async with follow(nc, filter_subject(request.filter)) as events:
+            granted = await _session_call(nc, request)
+            assert isinstance(granted, TapSessionGranted)
+            session: TapSession = granted.session
+            events.bind(session.id)
+            if session.max_rps < request.max_rps:
+                typer.echo(f"note: --max-rps lowered to {session.max_rps:g} by the tap "
+                           "service", err=True)
+            try:
+                await _print_events(nc, session, events, output, stop)
+            finally:
+                with contextlib.suppress(Exception):
+                    await _session_call(nc, TapClose(id=session.id))
     finally:
         await nc.close()
 
 
-async def _print_events(nc: Client, session: TapSession, output: str,
+async def _print_events(nc: Client, session: TapSession, events: SessionEvents, output: str,
                         stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     extend_every = DEFAULT_SESSION_TTL_SECONDS / 3
     next_extend = loop.time() + extend_every
-    async with follow(nc, session) as events:
-        while not stop.is_set():
-            try:
-                event = await asyncio.wait_for(events.queue.get(), TAP_WAIT_SECONDS)
-            except TimeoutError:
-                event = None
-            if event is not None:
-                if output == "json":
-                    line = encode(event).decode()
-                else:
-                    line = format_tap(event, wide=output == "wide")
-                print(line, flush=True)
-            if loop.time() >= next_extend:
-                await _session_call(nc, TapExtend(id=session.id))
-                next_extend = loop.time() + extend_every
+    while not stop.is_set():
+        try:
+            event = await asyncio.wait_for(events.queue.get(), TAP_WAIT_SECONDS)
+        except TimeoutError:
+            event = None
+        if event is not None:
+            if output == "json":
+                line = encode(event).decode()
+            else:
+                line = format_tap(event, wide=output == "wide")
+            print(line, flush=True)
+        if loop.time() >= next_extend:
+            await _session_call(nc, TapExtend(id=session.id))
+            next_extend = loop.time() + extend_every

@@ -208,3 +208,17 @@ async def test_proxies_may_not_open_sessions(bus: Bus, buckets: None) -> None:
         await _until(lambda: any("permissions violation" in str(e) for e in errors))
     finally:
         await nc.close()
+
+
+def test_events_before_the_session_id_is_known_are_kept() -> None:
+    from shoal.schemas.tap import TapResponseStart
+    from shoal.services.tap.relay import SessionEvents
+
+    events = SessionEvents(names.TAP_ALL)
+    for sid in ("mine", "other", "mine"):
+        events.offer(encode(TapResponseStart(id="1:1", direction="inbound", status=200,
+                                             latency_us=1, sessions=[sid])), "s")
+    events.offer(b"not json", "s")
+    assert events.queue.qsize() == 0 and events.malformed == 1
+    events.bind("mine")
+    assert events.queue.qsize() == 2

@@ -2,12 +2,18 @@
 list the session, hand them on through a bounded queue (oldest dropped when a slow
 reader falls behind). The CLI uses it directly; the dashboard will serve it over HTTP
 to browsers, which cannot reach NATS.
+
+A client should subscribe before it opens the session (``follow(nc, filter_subject(f))``
+then ``bind(session_id)``): proxies start publishing as soon as the session is in the
+bucket, possibly before the tap service's reply arrives. Events received before the id
+is known are held (bounded) and sorted out by ``bind``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 
 from nats.aio.client import Client
@@ -25,13 +31,22 @@ RELAY_QUEUE_LIMIT = 1000  # 10 s of one session at the default 100 events/s
 class SessionEvents:
     """Events of one session, in arrival order; ``dropped`` counts what overflowed."""
 
-    def __init__(self, session: TapSession, limit: int = RELAY_QUEUE_LIMIT) -> None:
-        self.session_id = session.id
-        self.subject = events_subject(session)
+    def __init__(self, subject: str, session_id: str | None = None,
+                 limit: int = RELAY_QUEUE_LIMIT) -> None:
+        self.subject = subject
+        self.session_id = session_id
         self.queue: asyncio.Queue[TapEvent] = asyncio.Queue(limit)
+        self._early: deque[TapEvent] = deque(maxlen=limit)
         self.dropped = 0
         self.malformed = 0
         self._decoder: Decoder[TapEvent] = Decoder(TapEvent, names.TAP_ALL)
+
+    def bind(self, session_id: str) -> None:
+        """The session's id is known: keep its events, from those already held on."""
+        self.session_id = session_id
+        early, self._early = list(self._early), deque(maxlen=self._early.maxlen)
+        for event in early:
+            self._keep(event)
 
     def offer(self, data: bytes, subject: str) -> None:
         try:
@@ -39,6 +54,12 @@ class SessionEvents:
         except WireDecodeError:
             self.malformed += 1
             return
+        if self.session_id is None:
+            self._early.append(event)
+            return
+        self._keep(event)
+
+    def _keep(self, event: TapEvent) -> None:
         if self.session_id not in event.sessions:
             return
         if self.queue.full():
@@ -48,10 +69,14 @@ class SessionEvents:
 
 
 @contextlib.asynccontextmanager
-async def follow(nc: Client, session: TapSession,
+async def follow(nc: Client, target: TapSession | str,
                  limit: int = RELAY_QUEUE_LIMIT) -> AsyncIterator[SessionEvents]:
-    """Subscribe for the session's events while the context is open."""
-    events = SessionEvents(session, limit)
+    """Subscribe for a session's events (a ``TapSession``, or a subject from
+    ``filter_subject`` with the id bound later) while the context is open."""
+    if isinstance(target, TapSession):
+        events = SessionEvents(events_subject(target), target.id, limit)
+    else:
+        events = SessionEvents(target, None, limit)
 
     async def on_message(msg: Msg) -> None:
         events.offer(msg.data, msg.subject)

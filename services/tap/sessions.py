@@ -14,7 +14,13 @@ import secrets
 from msgspec.structs import replace
 
 from shoal.schemas import names
-from shoal.schemas.tap import MAX_SESSION_TTL_SECONDS, TapExtend, TapOpen, TapSession
+from shoal.schemas.tap import (
+    MAX_SESSION_TTL_SECONDS,
+    TapExtend,
+    TapFilter,
+    TapOpen,
+    TapSession,
+)
 
 MAX_SESSIONS = 16  # Linkerd has no cap; 16 operators tapping at once is plenty on one bus
 MAX_SESSION_RPS = 1000.0  # 10x Linkerd's default --max-rps
@@ -54,7 +60,12 @@ def is_open(session: TapSession, now: float) -> bool:
 
 def events_subject(session: TapSession) -> str:
     """The narrowest subject that carries every event of a session."""
-    f = session.filter
+    return filter_subject(session.filter)
+
+
+def filter_subject(f: TapFilter) -> str:
+    """The narrowest subject carrying every event a filter can match (known before the
+    session exists, so a client can subscribe first and miss nothing)."""
     if not f.namespace:
         return names.TAP_ALL
     ns = names.subject_token(f.namespace)
