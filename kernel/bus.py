@@ -50,6 +50,7 @@ BUCKETS: tuple[BucketSpec, ...] = (
 BUCKETS_BY_NAME = {spec.name: spec for spec in BUCKETS}
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+EventCallback = Callable[[], Awaitable[None]]
 
 
 def _tls_context(settings: BusSettings) -> ssl.SSLContext | None:
@@ -66,8 +67,13 @@ async def connect(
     error_cb: ErrorCallback | None = None,
     allow_reconnect: bool = True,
     connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+    disconnected_cb: EventCallback | None = None,
+    reconnected_cb: EventCallback | None = None,
 ) -> Client:
-    """Connect with the role's credentials; reconnect forever unless told otherwise."""
+    """Connect with the role's credentials; reconnect forever unless told otherwise.
+
+    ``disconnected_cb`` and ``reconnected_cb`` run after the logging ones (a proxy uses
+    them to restart its watches once the bus is back)."""
 
     async def _log_error(error: Exception) -> None:
         log.warning("bus error (%s): %s", name, error)
@@ -76,9 +82,13 @@ async def connect(
 
     async def _disconnected() -> None:
         log.info("bus disconnected (%s)", name)
+        if disconnected_cb is not None:
+            await disconnected_cb()
 
     async def _reconnected() -> None:
         log.info("bus reconnected (%s)", name)
+        if reconnected_cb is not None:
+            await reconnected_cb()
 
     options: dict[str, object] = {
         "servers": [settings.url],
