@@ -17,12 +17,17 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import NoEndpoints
+from .errors import MethodNotAllowed, NoEndpoints
+from .http1.framing import RequestHead
 
 if TYPE_CHECKING:
     from .http1.client import Pool
 
 EndpointKey = tuple[str, int]
+
+# Until mTLS (the identity issue) every connection is plaintext, labelled as Linkerd
+# labels a proxy whose identity is disabled.
+TLS_LABELS = {"tls": "no_identity", "no_tls_reason": "disabled"}
 
 
 class RequestCounter(Protocol):
@@ -138,3 +143,19 @@ class FixedTarget:
 
     def on_connect_error(self, endpoint: EndpointRef, now: float) -> None:
         pass
+
+
+class FixedRouter:
+    """Every request to one target: a port-mapped upstream's listener, or inbound."""
+
+    def __init__(self, target: Target, allow_connect: bool = False) -> None:
+        self.target = target
+        self.allow_connect = allow_connect
+
+    def route(self, head: RequestHead) -> Target:
+        if head.is_connect and not self.allow_connect:
+            raise MethodNotAllowed("CONNECT is only served on the outbound port")
+        if head.host is None:
+            head.host = self.target.authority
+            head.rewrite_host = True
+        return self.target

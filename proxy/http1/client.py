@@ -15,25 +15,28 @@ After a 101 or a CONNECT the same object relays opaque bytes (``tunnel``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from ..errors import ProxyError, UpstreamConnectTimeout, UpstreamMalformed, UpstreamRefused
 from ..route import EndpointKey, NullTcpCounter, TcpCounter
 from .flow import PEER_FULL, WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, ReadGate
-from .framing import Header
+from .framing import RESPONSE_FIELDS, FieldScan
 
 if TYPE_CHECKING:
     from .server import ServerProtocol
 
+log = logging.getLogger("shoal.proxy.http1")
+
 
 class UpstreamProtocol(asyncio.Protocol):
     __slots__ = (
-        "_headers", "_in_trailers", "_reason", "_size", "closed", "eof", "gate", "idle_since",
-        "in_pool", "key", "max_head_bytes", "owner", "parser", "pool", "read_until_close",
-        "response_started", "reused", "transport", "tunnel", "write_paused",
+        "_reason", "closed", "eof", "gate", "idle_since", "in_pool", "key", "max_head_bytes",
+        "on_header", "owner", "parser", "pool", "read_until_close", "response_started",
+        "reused", "scan", "transport", "tunnel", "write_paused",
     )
 
     def __init__(self, pool: Pool, key: EndpointKey) -> None:
@@ -41,11 +44,10 @@ class UpstreamProtocol(asyncio.Protocol):
         self.key = key
         self.max_head_bytes = pool.max_head_bytes
         self.owner: ServerProtocol | None = None
+        self.scan = FieldScan(RESPONSE_FIELDS)
+        self.on_header = self.scan.add  # httptools calls it once per field
         self.parser = httptools.HttpResponseParser(self)
-        self._headers: list[Header] = []
         self._reason = b""
-        self._size = 0
-        self._in_trailers = False
         self.response_started = False
         self.read_until_close = False
         self.reused = False
@@ -59,8 +61,8 @@ class UpstreamProtocol(asyncio.Protocol):
     # -- lifecycle ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         self.gate = ReadGate(transport)
         self.pool.open += 1
@@ -142,16 +144,22 @@ class UpstreamProtocol(asyncio.Protocol):
         self.response_started = True
         try:
             self.parser.feed_data(data)
+            if self.scan.size:
+                self._check_head()
+        except ProxyError as failure:
+            if self.owner is owner:
+                owner.on_upstream_lost(self, failure)
         except httptools.HttpParserUpgrade as switched:
             if self.owner is owner:
                 self.tunnel = True
                 owner.on_upstream_switched(self, data[switched.args[0]:])
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
+            if not isinstance(cause, ProxyError):
+                log.error("bug in the HTTP/1 response path", exc_info=cause)
+                cause = UpstreamMalformed("malformed response from upstream")
             if self.owner is owner:
-                failure = cause if isinstance(cause, ProxyError) else UpstreamMalformed(
-                    f"malformed response from upstream: {cause or error}")
-                owner.on_upstream_lost(self, failure)
+                owner.on_upstream_lost(self, cause)
         except httptools.HttpParserError as error:
             if self.owner is owner:
                 owner.on_upstream_lost(self, UpstreamMalformed(
@@ -162,29 +170,25 @@ class UpstreamProtocol(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._headers = []
+        self.scan.reset()
         self._reason = b""
-        self._size = 0
-        self._in_trailers = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._size += len(name) + len(value) + 4
-        if self._size > self.max_head_bytes:
+    def _check_head(self) -> None:
+        if self.scan.size > self.max_head_bytes:
             raise UpstreamMalformed(
                 f"response head from upstream over {self.max_head_bytes} bytes")
-        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         owner = self.owner
         assert owner is not None
+        self._check_head()
         minor = 0 if self.parser.get_http_version() == "1.0" else 1
         owner.on_response_head(self, self.parser.get_status_code(), self._reason, minor,
-                               self._headers)
-        self._headers = []  # trailers, if any, come next
-        self._in_trailers = True
+                               self.scan)
+        self.scan.reset()  # trailers, if any, come next
 
     def on_body(self, body: bytes) -> None:
         owner = self.owner
@@ -197,7 +201,7 @@ class UpstreamProtocol(asyncio.Protocol):
             return  # interim (relayed at its head) or 101 (the upgrade exception follows)
         owner = self.owner
         if owner is not None:
-            owner.on_response_end(self, self._headers)
+            owner.on_response_end(self, self.scan.headers)
 
 
 class Pool:

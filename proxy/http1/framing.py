@@ -52,8 +52,6 @@ HOP_BY_HOP: frozenset[bytes] = frozenset({
     b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding",
     b"upgrade",
 })
-_REQUEST_HOP = HOP_BY_HOP | {b"proxy-authorization"}
-_RESPONSE_HOP = HOP_BY_HOP | {b"proxy-authenticate"}
 
 # Fields whose values the framing rules read; everything else is only filtered.
 _CONTENT_LENGTH = b"content-length"
@@ -63,8 +61,6 @@ _PROXY_CONNECTION = b"proxy-connection"
 _HOST = b"host"
 _UPGRADE = b"upgrade"
 _EXPECT = b"expect"
-_SPECIAL = frozenset({_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _PROXY_CONNECTION,
-                      _HOST, _UPGRADE, _EXPECT})
 
 LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
@@ -140,105 +136,160 @@ class ResponseHead:
     transfer_encoding: bytes
 
 
-def _split(headers: Sequence[Header]) -> tuple[list[bytes], dict[bytes, list[bytes]]]:
-    """Lower-cased names, and the values of the fields framing cares about."""
-    lowered = [name.lower() for name, _ in headers]
-    special: dict[bytes, list[bytes]] = {}
-    for name, (_, value) in zip(lowered, headers, strict=True):
-        if name in _SPECIAL:
-            special.setdefault(name, []).append(value)
-    return lowered, special
+# What a field name means to framing. Kept fields travel on and are also read; the
+# others are hop-by-hop: read (or just noted) and left out of ``FieldScan.headers``.
+_F_HOST, _F_LENGTH, _F_EXPECT, _F_CODING, _F_CONNECTION, _F_UPGRADE, _F_HOP = range(1, 8)
+_COMMON_FIELDS = {
+    _CONTENT_LENGTH: _F_LENGTH, _TRANSFER_ENCODING: _F_CODING, _CONNECTION: _F_CONNECTION,
+    _PROXY_CONNECTION: _F_CONNECTION, _UPGRADE: _F_UPGRADE, b"keep-alive": _F_HOP,
+    b"te": _F_HOP,
+}
+REQUEST_FIELDS: dict[bytes, int] = {
+    **_COMMON_FIELDS, _HOST: _F_HOST, _EXPECT: _F_EXPECT, b"proxy-authorization": _F_HOP}
+RESPONSE_FIELDS: dict[bytes, int] = {**_COMMON_FIELDS, b"proxy-authenticate": _F_HOP}
+# Connection tokens that name no field of their own: they never widen the drop set.
+_PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
-def _end_to_end(headers: Sequence[Header], lowered: Sequence[bytes],
-                drop: frozenset[bytes]) -> list[Header]:
-    return [h for name, h in zip(lowered, headers, strict=True) if name not in drop]
+def _join(previous: bytes | None, value: bytes) -> bytes:
+    """Several lines of one field are one comma-separated list (RFC 9110 5.3)."""
+    return value if previous is None else previous + b", " + value
+
+
+def _end_to_end(headers: list[Header], drop: frozenset[bytes]) -> list[Header]:
+    return [h for h in headers if h[0].lower() not in drop]
+
+
+class FieldScan:
+    """A head's fields as the parser reports them, one ``add`` per field: end-to-end
+    fields go to ``headers`` in order, hop-by-hop ones are left out, and the values the
+    framing rules need are kept aside. The protocols hand ``add`` to httptools as the
+    ``on_header`` callback, so each field costs one call; ``reset`` between heads."""
+
+    __slots__ = ("coding", "connection", "expect", "fields", "headers", "host", "hosts",
+                 "length", "size", "upgrade")
+
+    def __init__(self, fields: dict[bytes, int]) -> None:
+        self.fields = fields
+        self.headers: list[Header] = []
+        self.size = 0  # bytes of names and values, for the head-size limit
+        self.hosts = 0
+        self.host: bytes | None = None
+        self.length: bytes | None = None
+        self.expect: bytes | None = None
+        self.coding: bytes | None = None
+        self.connection: bytes | None = None
+        self.upgrade: bytes | None = None
+
+    def reset(self) -> None:
+        self.headers = []
+        self.size = self.hosts = 0
+        self.host = self.length = self.expect = None
+        self.coding = self.connection = self.upgrade = None
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value)
+        code = self.fields.get(name.lower())
+        if code is None:
+            self.headers.append((name, value))
+        elif code <= _F_EXPECT:
+            self.headers.append((name, value))
+            if code == _F_HOST:
+                self.host = value
+                self.hosts += 1
+            elif code == _F_LENGTH:
+                self.length = _join(self.length, value)
+            else:
+                self.expect = value
+        elif code == _F_CODING:
+            self.coding = _join(self.coding, value)
+        elif code == _F_CONNECTION:
+            self.connection = _join(self.connection, value)
+        elif code == _F_UPGRADE:
+            self.upgrade = _join(self.upgrade, value)
+
+
+def scan_of(headers: list[Header], fields: dict[bytes, int]) -> FieldScan:
+    scan = FieldScan(fields)
+    for name, value in headers:
+        scan.add(name, value)
+    return scan
 
 
 def analyze_request(method: bytes, target: bytes, minor: int,
-                    headers: Sequence[Header]) -> RequestHead:
+                    headers: list[Header] | FieldScan) -> RequestHead:
     """Framing of a parsed request; raises MalformedRequest (400) when unsafe to forward."""
-    lowered, special = _split(headers)
-    tokens = connection_tokens(
-        [*special.get(_CONNECTION, ()), *special.get(_PROXY_CONNECTION, ())])
-    hosts = special.get(_HOST, [])
-    if len(hosts) > 1:
+    scan = headers if isinstance(headers, FieldScan) else scan_of(headers, REQUEST_FIELDS)
+    if scan.hosts > 1:
         raise MalformedRequest("malformed request: more than one Host header")
-    if minor >= 1 and not hosts:
+    if minor >= 1 and not scan.hosts:
         raise MalformedRequest("malformed request: HTTP/1.1 request without a Host header")
-    body, length, transfer_encoding = Body.NONE, 0, b""
-    te_values = special.get(_TRANSFER_ENCODING)
-    cl_values = special.get(_CONTENT_LENGTH)
-    if te_values is not None:
-        if cl_values is not None:
+    connection = scan.connection
+    tokens = connection_tokens((connection,)) if connection is not None else _NO_TOKENS
+    body, length = Body.NONE, 0
+    coding = scan.coding
+    if coding is not None:
+        if scan.length is not None:
             raise MalformedRequest(
                 "malformed request: both Transfer-Encoding and Content-Length")
-        if _last_coding(te_values) != b"chunked":
+        if _last_coding((coding,)) != b"chunked":
             raise MalformedRequest(
                 "malformed request: Transfer-Encoding does not end in chunked")
-        body, transfer_encoding = Body.CHUNKED, b", ".join(te_values)
-    elif cl_values is not None:
-        parsed = parse_content_length(cl_values)
+        body = Body.CHUNKED
+    elif scan.length is not None:
+        parsed = parse_content_length((scan.length,))
         if parsed is None:
             raise MalformedRequest("malformed request: invalid Content-Length")
         length = parsed
         body = Body.LENGTH if parsed else Body.NONE
     keep_alive = b"close" not in tokens if minor >= 1 else b"keep-alive" in tokens
-    upgrade_values = special.get(_UPGRADE)
     upgrade = None
-    if (minor >= 1 and upgrade_values and b"upgrade" in tokens and method != b"CONNECT"):
-        upgrade = b", ".join(upgrade_values)
-    expect = special.get(_EXPECT)
-    expect_continue = bool(minor >= 1 and expect and expect[-1].strip().lower() == b"100-continue")
-    drop = _REQUEST_HOP | tokens
-    # Content-Length stays: the body bytes are forwarded unchanged, so the length holds.
-    return RequestHead(
-        method=method, target=target, minor=minor,
-        headers=_end_to_end(headers, lowered, drop), host=hosts[0] if hosts else None,
-        body=body, content_length=length, keep_alive=keep_alive, upgrade=upgrade,
-        expect_continue=expect_continue, transfer_encoding=transfer_encoding,
-    )
+    if minor >= 1 and scan.upgrade and b"upgrade" in tokens and method != b"CONNECT":
+        upgrade = scan.upgrade
+    expect = scan.expect
+    expect_continue = (minor >= 1 and expect is not None
+                       and expect.strip().lower() == b"100-continue")
+    kept = scan.headers
+    if not tokens <= _PLAIN_TOKENS:  # Connection names end-to-end fields: drop those too
+        kept = _end_to_end(kept, tokens)
+    # Content-Length stays: the body bytes are forwarded unchanged, so it holds.
+    return RequestHead(method, target, minor, kept, scan.host, body, length, keep_alive,
+                       upgrade, expect_continue, coding or b"")
 
 
-def analyze_response(status: int, reason: bytes, minor: int, headers: Sequence[Header],
-                     request: RequestHead) -> ResponseHead:
+def analyze_response(status: int, reason: bytes, minor: int,
+                     headers: list[Header] | FieldScan, request: RequestHead) -> ResponseHead:
     """Framing of a parsed response to ``request``; raises UpstreamMalformed (502)."""
-    lowered, special = _split(headers)
-    tokens = connection_tokens(
-        [*special.get(_CONNECTION, ()), *special.get(_PROXY_CONNECTION, ())])
-    te_values = special.get(_TRANSFER_ENCODING)
-    cl_values = special.get(_CONTENT_LENGTH)
-    body, length, transfer_encoding = Body.CLOSE, 0, b""
-    drop = _RESPONSE_HOP | tokens
-    if request.method == b"HEAD" or status < 200 or status in (204, 304):
+    scan = headers if isinstance(headers, FieldScan) else scan_of(headers, RESPONSE_FIELDS)
+    connection = scan.connection
+    tokens = connection_tokens((connection,)) if connection is not None else _NO_TOKENS
+    drop = _NO_TOKENS if tokens <= _PLAIN_TOKENS else tokens
+    body, length = Body.CLOSE, 0
+    coding = scan.coding
+    if request.method == b"HEAD" or status < 200 or status == 204 or status == 304:
         body = Body.NONE
-    elif te_values is not None:
+    elif coding is not None:
         # RFC 9112 6.3 item 3: Transfer-Encoding overrides Content-Length, which goes.
-        drop = drop | {_CONTENT_LENGTH}
-        transfer_encoding = b", ".join(te_values)
-        body = Body.CHUNKED if _last_coding(te_values) == b"chunked" else Body.CLOSE
-    elif cl_values is not None:
-        parsed = parse_content_length(cl_values)
+        if scan.length is not None:
+            drop = drop | {_CONTENT_LENGTH}
+        body = Body.CHUNKED if _last_coding((coding,)) == b"chunked" else Body.CLOSE
+    elif scan.length is not None:
+        parsed = parse_content_length((scan.length,))
         if parsed is None:
             raise UpstreamMalformed("malformed response from upstream: invalid Content-Length")
         length = parsed
         body = Body.LENGTH if parsed else Body.NONE
     upgrade = None
     if status == 101:
-        values = special.get(_UPGRADE)
-        if request.upgrade is None or not values:
+        if request.upgrade is None or not scan.upgrade:
             raise UpstreamMalformed("upstream switched protocols without an upgrade request")
-        upgrade = b", ".join(values)
-    if minor >= 1:
-        keep_alive = b"close" not in tokens
-    else:
-        keep_alive = b"keep-alive" in tokens
+        upgrade = scan.upgrade
+    keep_alive = b"close" not in tokens if minor >= 1 else b"keep-alive" in tokens
     keep_alive = keep_alive and body is not Body.CLOSE and upgrade is None
-    return ResponseHead(
-        status=status, reason=reason, headers=_end_to_end(headers, lowered, drop),
-        body=body, content_length=length, keep_alive=keep_alive, upgrade=upgrade,
-        transfer_encoding=transfer_encoding,
-    )
+    kept = _end_to_end(scan.headers, drop) if drop else scan.headers
+    return ResponseHead(status, reason, kept, body, length, keep_alive, upgrade,
+                        coding or b"")
 
 
 def downstream_body(response: ResponseHead, request: RequestHead) -> Body:
@@ -299,11 +350,11 @@ def render_response_head(response: ResponseHead, out_body: Body, close: bool,
     return parts
 
 
-def render_interim(status: int, reason: bytes, headers: Sequence[Header]) -> bytes:
-    """A 1xx interim response (100 Continue, 103 Early Hints) relayed to the client."""
-    lowered = [name.lower() for name, _ in headers]
+def render_interim(status: int, reason: bytes, headers: list[Header]) -> bytes:
+    """A 1xx interim response (100 Continue, 103 Early Hints) relayed to the client;
+    ``headers`` are end-to-end already (FieldScan)."""
     parts = [b"HTTP/1.1 %d " % status, reason, CRLF]
-    for name, value in _end_to_end(headers, lowered, _RESPONSE_HOP):
+    for name, value in headers:
         parts += (name, b": ", value, CRLF)
     parts.append(CRLF)
     return b"".join(parts)

@@ -32,7 +32,8 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from time import monotonic
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -61,7 +62,9 @@ from .flow import (
 )
 from .framing import (
     CRLF,
+    REQUEST_FIELDS,
     Body,
+    FieldScan,
     Header,
     RequestHead,
     ResponseHead,
@@ -128,35 +131,32 @@ class ServerContext:
 
 
 class Exchange:
-    """One request and its response on a client connection."""
+    """One request and its response on a client connection.
 
-    __slots__ = (
-        "balanced", "close_after", "done", "endpoint", "error", "first_seen", "head",
-        "metrics", "observed", "out_body", "pending", "pending_bytes", "request_done",
-        "response", "retried", "started", "target", "task", "upgrade_tail", "upstream",
-    )
+    Defaults live on the class: a new exchange costs one empty instance, and only what
+    happens to it is written (the hot path makes several per request).
+    """
 
-    def __init__(self) -> None:
-        self.head: RequestHead | None = None
-        self.error: ProxyError | None = None
-        self.target: Target | None = None
-        self.endpoint: EndpointRef | None = None
-        self.upstream: UpstreamProtocol | None = None
-        self.metrics: RequestCounter | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.request_done = False
-        self.response: ResponseHead | None = None
-        self.out_body: Body | None = None
-        self.close_after = False
-        self.balanced = False  # the balancer has been told how it ended
-        self.observed = False  # metrics have counted the response
-        self.retried = False
-        self.done = False
-        self.started = 0.0
-        self.first_seen = 0.0
-        self.upgrade_tail: bytes | None = None
+    head: RequestHead | None = None
+    error: ProxyError | None = None
+    target: Target | None = None
+    endpoint: EndpointRef | None = None
+    upstream: UpstreamProtocol | None = None
+    metrics: RequestCounter | None = None
+    task: asyncio.Task[None] | None = None
+    pending: list[bytes] | None = None  # body bytes held until the upstream is attached
+    pending_bytes = 0
+    request_done = False
+    response: ResponseHead | None = None
+    out_body: Body | None = None
+    close_after = False
+    balanced = False  # the balancer has been told how it ended
+    observed = False  # metrics have counted the response
+    retried = False
+    done = False
+    started = 0.0
+    first_seen = 0.0
+    upgrade_tail: bytes | None = None
 
 
 class ServerProtocol(asyncio.Protocol):
@@ -166,6 +166,8 @@ class ServerProtocol(asyncio.Protocol):
         self.router = ctx.router
         self.initial = initial
         self.loop = asyncio.get_running_loop()
+        self.scan = FieldScan(REQUEST_FIELDS)
+        self.on_header = self.scan.add  # httptools calls it once per field
         self.parser = httptools.HttpRequestParser(self)
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()
@@ -178,9 +180,6 @@ class ServerProtocol(asyncio.Protocol):
         self._quiet_since = 0.0
         self._out: list[bytes] = []
         self._url = b""
-        self._headers: list[Header] = []
-        self._trailers: list[Header] = []
-        self._head_size = 0
         self.closed = False
         self.closing = False
         self.eof = False
@@ -192,8 +191,8 @@ class ServerProtocol(asyncio.Protocol):
     # -- connection lifecycle ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         self.gate = ReadGate(transport)
         self.ctx.connections.live.add(self)
@@ -305,6 +304,10 @@ class ServerProtocol(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self.scan.size and self.parsing is not None:
+                self._check_head()
+        except ProxyError as error:
+            self._parse_failed(error)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade_requested(data[upgrade.args[0]:])
         except httptools.HttpParserCallbackError as error:
@@ -321,9 +324,7 @@ class ServerProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.parsing = Exchange()
         self._url = b""
-        self._headers = []
-        self._trailers = []
-        self._head_size = 0
+        self.scan.reset()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -331,29 +332,24 @@ class ServerProtocol(asyncio.Protocol):
             raise RequestTargetTooLong(
                 f"request target over {self.settings.max_request_target_bytes} bytes")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        ex = self.parsing
-        if ex is not None and ex.head is not None:
-            if self._head_size > self.settings.max_request_head_bytes:
-                raise HeadersTooLarge("request trailers over the limit")
-            self._trailers.append((name, value))
-            return
-        if (self._head_size > self.settings.max_request_head_bytes
-                or len(self._headers) >= self.settings.max_headers):
+    def _check_head(self) -> None:
+        """A head still incomplete after a read must not have outgrown the limits."""
+        scan = self.scan
+        if scan.size > self.settings.max_request_head_bytes or (
+                len(scan.headers) > self.settings.max_headers):
             raise HeadersTooLarge(
                 f"request headers over the limit ({self.settings.max_headers} fields, "
                 f"{self.settings.max_request_head_bytes} bytes)")
-        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
         if ex is None or self.closing:
             return
+        self._check_head()
         parser = self.parser
         minor = 0 if parser.get_http_version() == "1.0" else 1
-        ex.head = analyze_request(parser.get_method(), self._url, minor, self._headers)
-        self._head_size = 0  # trailers get a budget of their own
+        ex.head = analyze_request(parser.get_method(), self._url, minor, self.scan)
+        self.scan.reset()  # trailers, if any, come next, with a budget of their own
         if self.current is None and not self.queue:
             self._begin(ex)
         else:
@@ -370,6 +366,8 @@ class ServerProtocol(asyncio.Protocol):
         if conn is not None:
             conn.transport.write(body)
             return
+        if ex.pending is None:
+            ex.pending = []
         ex.pending.append(body)
         ex.pending_bytes += len(body)
         if ex.pending_bytes > self.settings.max_pending_body_bytes:
@@ -383,10 +381,12 @@ class ServerProtocol(asyncio.Protocol):
             return
         ex.request_done = True
         if ex.head.body is Body.CHUNKED:
-            end = last_chunk(self._trailers)
+            end = last_chunk(self.scan.headers)
             conn = ex.upstream
             if conn is not None:
                 conn.transport.write(end)
+            elif ex.pending is None:
+                ex.pending = [end]
             else:
                 ex.pending.append(end)
 
@@ -446,7 +446,7 @@ class ServerProtocol(asyncio.Protocol):
         try:
             target = self.router.route(ex.head)
             ex.target = target
-            now = self.loop.time()
+            now = monotonic()
             if ex.head.is_connect:
                 ex.started = now
                 ex.task = self.loop.create_task(self._dispatch(ex, target, None, fresh=True))
@@ -479,7 +479,7 @@ class ServerProtocol(asyncio.Protocol):
                     try:
                         conn = await target.pool.connect(endpoint.key, target.connect_timeout)
                     except (UpstreamRefused, UpstreamConnectTimeout) as error:
-                        now = self.loop.time()
+                        now = monotonic()
                         target.on_connect_error(endpoint, now)
                         exclude.append(endpoint.key)
                         last_error = error
@@ -487,12 +487,12 @@ class ServerProtocol(asyncio.Protocol):
                         continue
                 ex.task = None
                 if self.closing or self.current is not ex:
-                    target.pool.put(conn, self.loop.time())
+                    target.pool.put(conn, monotonic())
                     return
                 if ex.head is not None and ex.head.is_connect:
                     self._open_tunnel(ex, conn, endpoint)
                 else:
-                    self._attach(ex, conn, endpoint, self.loop.time())
+                    self._attach(ex, conn, endpoint, monotonic())
                 return
             raise last_error or NoEndpoints("no endpoint could be reached")
         except ProxyError as error:
@@ -520,7 +520,7 @@ class ServerProtocol(asyncio.Protocol):
         data = render_request_head(head)
         if ex.pending:
             data = b"".join([data, *ex.pending])
-            ex.pending = []
+            ex.pending = None
             ex.pending_bytes = 0
             self.gate.resume(PENDING)
         conn.transport.write(data)
@@ -529,7 +529,7 @@ class ServerProtocol(asyncio.Protocol):
         """CONNECT succeeded: tell the client, then relay bytes both ways."""
         target = ex.target
         assert target is not None
-        now = self.loop.time()
+        now = monotonic()
         ex.endpoint = endpoint
         target.on_dispatch(endpoint, now)
         target.on_complete(endpoint, now, now - ex.started, True)
@@ -553,17 +553,17 @@ class ServerProtocol(asyncio.Protocol):
     # -- response events (called by the bound UpstreamProtocol) ------------------------
 
     def on_response_head(self, conn: UpstreamProtocol, status: int, reason: bytes, minor: int,
-                         headers: list[Header]) -> None:
+                         scan: FieldScan) -> None:
         ex = self.current
         if ex is None or ex.upstream is not conn or ex.head is None:
             return
         if status < 200 and status != 101:
             if ex.head.minor >= 1:  # HTTP/1.0 clients get no interim responses
-                self._out.append(render_interim(status, reason, headers))
+                self._out.append(render_interim(status, reason, scan.headers))
             return
-        response = analyze_response(status, reason, minor, headers, ex.head)
+        response = analyze_response(status, reason, minor, scan, ex.head)
         ex.response = response
-        now = self.loop.time()
+        now = monotonic()
         rtt = now - ex.started
         success = status < 500
         self._settle(ex, success, now, rtt)
@@ -670,7 +670,7 @@ class ServerProtocol(asyncio.Protocol):
             return
         ex.balanced = True
         if now is None:
-            now = self.loop.time()
+            now = monotonic()
         ex.target.on_complete(ex.endpoint, now, now - ex.started if rtt is None else rtt,
                               success)
 
@@ -680,7 +680,7 @@ class ServerProtocol(asyncio.Protocol):
         conn.unbind()
         self.gate.resume(PEER_FULL)
         if reusable and ex.target is not None:
-            ex.target.pool.put(conn, self.loop.time())
+            ex.target.pool.put(conn, monotonic())
         else:
             conn.close()
 
@@ -700,7 +700,7 @@ class ServerProtocol(asyncio.Protocol):
         head = ex.head
         if ex.metrics is not None and not ex.observed:
             ex.observed = True
-            elapsed = (self.loop.time() - ex.started) * 1000.0 if ex.started else 0.0
+            elapsed = (monotonic() - ex.started) * 1000.0 if ex.started else 0.0
             ex.metrics.observe(error.status, None, elapsed, False)
         close = (error.fatal or head is None or not ex.request_done or not head.keep_alive
                  or self.ctx.connections.draining or self.upgrading)
