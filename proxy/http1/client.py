@@ -36,7 +36,7 @@ class UpstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "_reason", "closed", "eof", "gate", "idle_since", "in_pool", "key", "max_head_bytes",
         "on_header", "owner", "parser", "pool", "read_until_close", "response_started",
-        "reused", "scan", "transport", "tunnel", "write_paused",
+        "reused", "scan", "stale", "transport", "tunnel", "write_paused",
     )
 
     def __init__(self, pool: Pool, key: EndpointKey) -> None:
@@ -48,6 +48,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.on_header = self.scan.add  # httptools calls it once per field
         self.parser = httptools.HttpResponseParser(self)
         self._reason = b""
+        self.stale = False
         self.response_started = False
         self.read_until_close = False
         self.reused = False
@@ -142,6 +143,7 @@ class UpstreamProtocol(asyncio.Protocol):
             owner.tunnel_write(data)
             return
         self.response_started = True
+        self.stale = False
         try:
             self.parser.feed_data(data)
             if self.scan.size:
@@ -186,16 +188,25 @@ class UpstreamProtocol(asyncio.Protocol):
         assert owner is not None
         self._check_head()
         minor = 0 if self.parser.get_http_version() == "1.0" else 1
-        owner.on_response_head(self, self.parser.get_status_code(), self._reason, minor,
-                               self.scan)
+        headless = owner.on_response_head(self, self.parser.get_status_code(), self._reason,
+                                          minor, self.scan)
         self.scan.reset()  # trailers, if any, come next
+        if headless:
+            # The response to a HEAD: llhttp could be told it has no body, httptools
+            # cannot, so the message ends here, a fresh parser takes the connection's next
+            # response, and what the old one reports for the rest of this read is ignored.
+            self.parser = httptools.HttpResponseParser(self)
+            self.stale = True
+            owner.on_response_end(self, [])
 
     def on_body(self, body: bytes) -> None:
         owner = self.owner
-        if owner is not None:
+        if owner is not None and not self.stale:
             owner.on_response_body(body)
 
     def on_message_complete(self) -> None:
+        if self.stale:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             return  # interim (relayed at its head) or 101 (the upgrade exception follows)

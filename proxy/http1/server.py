@@ -553,14 +553,16 @@ class ServerProtocol(asyncio.Protocol):
     # -- response events (called by the bound UpstreamProtocol) ------------------------
 
     def on_response_head(self, conn: UpstreamProtocol, status: int, reason: bytes, minor: int,
-                         scan: FieldScan) -> None:
+                         scan: FieldScan) -> bool:
+        """A response head arrived; True when it is a response to HEAD, whose body the
+        parser must not wait for."""
         ex = self.current
         if ex is None or ex.upstream is not conn or ex.head is None:
-            return
+            return False
         if status < 200 and status != 101:
             if ex.head.minor >= 1:  # HTTP/1.0 clients get no interim responses
                 self._out.append(render_interim(status, reason, scan.headers))
-            return
+            return False
         response = analyze_response(status, reason, minor, scan, ex.head)
         ex.response = response
         now = monotonic()
@@ -572,7 +574,7 @@ class ServerProtocol(asyncio.Protocol):
             ex.metrics.observe(status, None, rtt * 1000.0, success)
         if response.upgrade is not None:
             self._out += render_response_head(response, Body.NONE, False, ex.head.minor)
-            return  # the switch follows (on_upstream_switched)
+            return False  # the switch follows (on_upstream_switched)
         out_body = downstream_body(response, ex.head)
         close = must_close_downstream(response, ex.head, out_body, ex.request_done,
                                       self.ctx.connections.draining) or self.upgrading
@@ -581,6 +583,7 @@ class ServerProtocol(asyncio.Protocol):
         if response.body is Body.CLOSE:
             conn.read_until_close = True
         self._out += render_response_head(response, out_body, close, ex.head.minor)
+        return ex.head.method == b"HEAD"
 
     def on_response_body(self, body: bytes) -> None:
         ex = self.current
