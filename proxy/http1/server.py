@@ -236,11 +236,15 @@ class ServerProtocol(asyncio.Protocol):
                 peer.transport.write_eof()
             return True
         parsing = self.parsing
-        if parsing is not None and parsing.head is not None and not parsing.request_done:
-            # The body can never complete: nothing sensible can be answered.
-            self.abort()
-            return False
         self.parsing = None  # a partial head is discarded
+        if parsing is not None and parsing.head is not None and not parsing.done:
+            # The body can never complete: that request is answered 400, then we close.
+            error = MalformedRequest("malformed request: the client closed its side "
+                                     "before the end of the body")
+            parsing.error = error
+            if parsing is self.current:
+                self._fail(parsing, error)
+            return not self.closing
         if self.current is None and not self.queue:
             self._close()
             return False
@@ -694,7 +698,8 @@ class ServerProtocol(asyncio.Protocol):
             ex.task = None
         conn = ex.upstream
         if conn is not None:
-            self._settle(ex, success=False)
+            # A client's fault (4xx) says nothing about the endpoint.
+            self._settle(ex, success=error.status < 500)
             self._release(ex, conn, reusable=False)
         if ex.out_body is not None:  # the response head already went out
             self.flush()
@@ -705,7 +710,10 @@ class ServerProtocol(asyncio.Protocol):
             ex.observed = True
             elapsed = (monotonic() - ex.started) * 1000.0 if ex.started else 0.0
             ex.metrics.observe(error.status, None, elapsed, False)
-        close = (error.fatal or head is None or not ex.request_done or not head.keep_alive
+        # A request without a body is complete at its head, even if the error comes
+        # before httptools reports the message complete.
+        complete = ex.request_done or (head is not None and head.body is Body.NONE)
+        close = (error.fatal or head is None or not complete or not head.keep_alive
                  or self.ctx.connections.draining or self.upgrading)
         self._out.append(render(error, close=close,
                                 head_only=head is not None and head.method == b"HEAD"))
