@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from shoal.schemas.endpoints import Endpoint
 
-from .accrual import FailureAccrual, FailureAccrualConfig
+from .accrual import AccrualState, FailureAccrual, FailureAccrualConfig
 
 EndpointKey = tuple[str, int]  # (address, port)
 
@@ -80,27 +80,36 @@ class EndpointState:
 
     def rtt_estimate(self, now: float) -> float:
         """The peak-EWMA estimate in seconds, decayed to ``now`` (does not change state)."""
-        elapsed = max(0.0, now - self._updated_at)
+        elapsed = now - self._updated_at
+        if elapsed <= 0:
+            return self._rtt_s
         return self._rtt_s * math.exp(-elapsed / self._decay_s)
 
     def cost(self, now: float) -> float:
         """Peak-EWMA RTT x (in flight + 1) / relative weight; infinite for weight 0."""
-        if self.weight_factor <= 0:
+        # On the request path: written out rather than calling rtt_estimate().
+        weight = self.weight_factor
+        if weight <= 0:
             return math.inf
-        rtt = max(self.rtt_estimate(now), MIN_RTT_SECONDS)
-        return rtt * (self.in_flight + 1) / self.weight_factor
+        elapsed = now - self._updated_at
+        rtt = self._rtt_s * math.exp(-elapsed / self._decay_s) if elapsed > 0 else self._rtt_s
+        if rtt < MIN_RTT_SECONDS:
+            rtt = MIN_RTT_SECONDS
+        return rtt * (self.in_flight + 1) / weight
 
     def observe_rtt(self, rtt_s: float, now: float) -> None:
         """Fold one RTT sample into the estimate (peak: a higher sample wins at once)."""
-        rtt_s = max(0.0, rtt_s)
-        estimate = self.rtt_estimate(now)
+        elapsed = now - self._updated_at
+        if elapsed > 0:
+            decay = math.exp(-elapsed / self._decay_s)
+            self._updated_at = now
+        else:
+            decay = 1.0
+        estimate = self._rtt_s * decay
         if rtt_s > estimate:
             self._rtt_s = rtt_s
         else:
-            elapsed = max(0.0, now - self._updated_at)
-            decay = math.exp(-elapsed / self._decay_s)
-            self._rtt_s = self._rtt_s * decay + rtt_s * (1.0 - decay)
-        self._updated_at = max(now, self._updated_at)
+            self._rtt_s = estimate + max(0.0, rtt_s) * (1.0 - decay)
 
     def _replace_endpoint(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -121,6 +130,8 @@ class Balancer:
         self._rng = rng if rng is not None else random.Random()
         self._states: dict[EndpointKey, EndpointState] = {}
         self._order: list[EndpointState] = []
+        self._weighted: list[EndpointState] = []  # weight > 0: the fast path's pool
+        self._unhealthy: set[EndpointKey] = set()  # not HEALTHY in accrual: slow path
 
     def __len__(self) -> int:
         return len(self._order)
@@ -152,9 +163,33 @@ class Balancer:
             states[key] = state
         self._states = states
         self._order = list(states.values())
+        self._weighted = [state for state in self._order if state.weight_factor > 0]
+        self._unhealthy = {key for key, state in states.items()
+                           if state.accrual.state is not AccrualState.HEALTHY}
 
     def pick(self, now: float, exclude: Collection[EndpointKey] = ()) -> EndpointState | None:
         """The endpoint for the next request, or None when none is available."""
+        if not exclude and not self._unhealthy:
+            # The common case, kept to a few operations: every endpoint is healthy.
+            pool = self._weighted
+            count = len(pool)
+            if count >= 2:
+                return self._p2c(pool, count, now)
+            if count == 1:
+                return pool[0]
+        return self._pick_filtered(now, exclude)
+
+    def _p2c(self, pool: list[EndpointState], count: int, now: float) -> EndpointState:
+        rand = self._rng.random
+        i = int(rand() * count)
+        j = int(rand() * (count - 1))
+        if j >= i:
+            j += 1
+        a, b = pool[i], pool[j]
+        return b if b.cost(now) < a.cost(now) else a
+
+    def _pick_filtered(self, now: float,
+                       exclude: Collection[EndpointKey]) -> EndpointState | None:
         candidates: list[EndpointState] = []
         zero_weight: list[EndpointState] = []
         for state in self._order:
@@ -176,17 +211,12 @@ class Balancer:
             return None
         if count == 1:
             return candidates[0]
-        i = self._rng.randrange(count)
-        j = self._rng.randrange(count - 1)
-        if j >= i:
-            j += 1
-        a, b = candidates[i], candidates[j]
-        return b if b.cost(now) < a.cost(now) else a
+        return self._p2c(candidates, count, now)
 
     def on_dispatch(self, state: EndpointState, now: float) -> None:
         """A request was sent to ``state`` (in flight until on_complete/on_connect_error)."""
         state.in_flight += 1
-        state.accrual.on_dispatch(now)
+        state.accrual.on_dispatch(now)  # when a probe is due, this request is it
 
     def on_complete(self, state: EndpointState, now: float, rtt_s: float,
                     success: bool) -> None:
@@ -195,9 +225,17 @@ class Balancer:
             state.in_flight -= 1
         state.observe_rtt(rtt_s, now)
         state.accrual.record(success, now)
+        self._track(state)
 
     def on_connect_error(self, state: EndpointState, now: float) -> None:
         """Connecting to the endpoint failed: a failure for accrual, no RTT sample."""
         if state.in_flight > 0:
             state.in_flight -= 1
         state.accrual.record(False, now)
+        self._track(state)
+
+    def _track(self, state: EndpointState) -> None:
+        if state.accrual.state is AccrualState.HEALTHY:
+            self._unhealthy.discard(state.key)
+        elif self._states.get(state.key) is state:  # not a removed endpoint's old state
+            self._unhealthy.add(state.key)

@@ -36,6 +36,8 @@ RETRY_SECONDS = 0.5
 CALLBACK_TIMEOUT_SECONDS = 5.0
 # Bound on flushing buffered publishes at close (a last deregistration, for one).
 CLOSE_FLUSH_TIMEOUT_SECONDS = 1.0
+# Bound on waiting for the background tasks to end at close.
+CLOSE_TIMEOUT_SECONDS = 2.0
 
 OnConnect = Callable[[Client], Awaitable[None]]
 
@@ -151,11 +153,12 @@ class BusLink:
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._connect_task, self._runner_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        self._kick.set()  # the runner checks _closing, should a cancel be lost in nats-py
+        tasks = [task for task in (self._connect_task, self._runner_task) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_SECONDS)
         nc = self._nc
         self._nc = None
         if nc is not None and not nc.is_closed:
@@ -201,9 +204,11 @@ class BusLink:
         self._on_up()
 
     async def _run_callbacks(self) -> None:
-        while True:
+        while not self._closing:
             await self._kick.wait()
             self._kick.clear()
+            if self._closing:
+                return
             due = list(self._callbacks) if self._all_due else list(self._fresh)
             self._all_due = False
             self._fresh.clear()

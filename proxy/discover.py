@@ -62,6 +62,8 @@ WATCH_RETRY_MAX_SECONDS = 2.0
 WATCH_START_TIMEOUT_SECONDS = 5.0
 # Bound on stopping a watch (an unsubscribe; may hang while the bus is away).
 WATCH_STOP_TIMEOUT_SECONDS = 1.0
+# Bound on waiting for the watch tasks at close.
+CLOSE_TIMEOUT_SECONDS = 2.0
 # The server removes a watch's ephemeral consumer after this long without interest: long
 # enough to ride out a short disconnect, short enough that the consumers of a proxy that
 # died or restarted its watches do not linger (nats-py's default is 5 minutes).
@@ -84,6 +86,7 @@ class ServiceEntry:
         self.malformed = 0  # values ignored because they did not decode
         self.last_used = time.monotonic()
         self._restart = asyncio.Event()
+        self._stopped = False  # checked as well as cancelling: nats-py may swallow a cancel
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -149,12 +152,16 @@ class Discovery:
         tasks = [entry._task for entry in self._entries.values() if entry._task is not None]
         for entry in self._entries.values():
             self._stop_entry(entry)
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_SECONDS)
+            if pending:
+                log.warning("%d watch tasks did not stop within %.0fs", len(pending),
+                            CLOSE_TIMEOUT_SECONDS)
 
     @staticmethod
     def _stop_entry(entry: ServiceEntry) -> None:
+        entry._stopped = True
+        entry._restart.set()  # wakes the task wherever it waits, should a cancel be lost
         if entry._task is not None:
             entry._task.cancel()
 
@@ -176,10 +183,12 @@ class Discovery:
     async def _watch(self, entry: ServiceEntry) -> None:
         """Run the entry's watch, restarting it after reconnects and failures."""
         failures = 0
-        while True:
+        while not entry._stopped:
             if not self._link.connected:
                 # Wait for the bus; _on_connect sets _restart once it is back.
                 await entry._restart.wait()
+                if entry._stopped:
+                    return
             entry._restart.clear()
             try:
                 async with asyncio.timeout(WATCH_START_TIMEOUT_SECONDS):
@@ -200,6 +209,8 @@ class Discovery:
             if failures:
                 log.info("watch of %s started after %d failed attempts", entry.key, failures)
             failures = 0
+            if entry._stopped:
+                entry._restart.set()  # stopped while starting: fall through to stop it
             reader = asyncio.create_task(self._read(entry, watcher))
             restart = asyncio.create_task(entry._restart.wait())
             try:

@@ -71,9 +71,9 @@ class Registrar:
             return
         self._stopped = True
         if self._task is not None:
+            self._wake.set()  # the loop checks _stopped too
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=DEREGISTER_FLUSH_TIMEOUT_SECONDS)
         reg = self.registration
         dereg = Deregistration(namespace=reg.namespace, service=reg.service, pod=reg.pod,
                                address=reg.address, port=reg.port)

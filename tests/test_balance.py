@@ -251,6 +251,9 @@ def test_invariants_under_random_operations(ops: list[tuple[str, int, bool]],
         for state in balancer.endpoints:
             assert state.in_flight >= 0
             assert state.cost(now) >= 0
+        # the fast path's bookkeeping matches the accrual states
+        assert balancer._unhealthy == {s.key for s in balancer.endpoints
+                                       if state_of(s.accrual) is not AccrualState.HEALTHY}
     # everything dispatched is accounted for once completed
     for state in pending:
         balancer.on_complete(state, now, 0.001, True)

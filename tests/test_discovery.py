@@ -25,6 +25,7 @@ from nats.aio.client import Client
 from shoal.kernel.bus import connect, ensure_buckets
 from shoal.kernel.config import BusSettings, generate_credentials
 from shoal.kernel.natsd import EmbeddedNats
+from shoal.proxy import discover
 from shoal.proxy.balance import Balancer
 from shoal.proxy.buslink import BusLink, BusUnavailable
 from shoal.proxy.discover import Discovery, ServiceEntry
@@ -181,6 +182,18 @@ async def test_a_late_watch_sees_the_current_value_and_bad_names_are_refused(
         assert bad.known.is_set() and not bad.exists and not bad.watching
 
 
+async def test_watches_are_bounded(discovery: Discovery,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(discover, "MAX_WATCHED_SERVICES", 2)
+    first = await discovery.resolve(NS, unique("one"), timeout=WAIT)
+    second = discovery.lookup(NS, unique("two"))
+    discovery.lookup(NS, first.service)  # used again: now the most recent
+    third = discovery.lookup(NS, unique("three"))
+    await until(lambda: not second.watching, what="least recently used watch stopped")
+    assert len(discovery) == 2 and first.watching and third.watching
+    assert first.known.is_set()  # an evicted or kept entry stays usable as it was
+
+
 # --- fail static: own nats-server, killed and restarted on the same port ---------------
 
 
@@ -293,6 +306,12 @@ async def test_nats_killed_and_restarted_last_set_stays_then_resyncs(
     await relay.start()
     link = BusLink(own_bus.settings("proxy", port=relay.port), "test-proxy-failstatic")
     discovery = Discovery(link, Balancer)
+    connects: list[Client] = []
+
+    async def on_connect(nc: Client) -> None:
+        connects.append(nc)
+
+    link.on_connect(on_connect)
     try:
         kv = await operator.jetstream().key_value(names.BUCKET_ENDPOINTS)
         a, b = unique("a"), unique("b")
@@ -330,7 +349,8 @@ async def test_nats_killed_and_restarted_last_set_stays_then_resyncs(
         took = await until(lambda: ports(entry_a) == [2] and ports(entry_b) == [],
                            what="resync after reconnect")
         print(f"proxy reconnected and resynced {took:.2f}s after the relay opened")
-        assert link.connects == 2 and not entry_b.exists
+        assert link.connects == 2 and len(connects) == 2  # callbacks re-ran on reconnect
+        assert not entry_b.exists
         # and the restarted watch follows live changes again
         await kv.put(names.service_key(NS, b), value(b, 6, 7))
         await until(lambda: ports(entry_b) == [6, 7], what="live update after resync")
