@@ -42,9 +42,11 @@ from typing import Final, Protocol
 OPAQUE_IDLE_TIMEOUT_SECONDS: Final = 3600.0
 
 # Bytes one direction may hold in flight (pipe capacity). The Linux default pipe is 64 KiB
-# (16 pages); bench/opaque_throughput.py measured 256 KiB as worth it, and a bigger pipe
-# gains little while counting against the per-user pipe page limit
-# (/proc/sys/fs/pipe-user-pages-soft, 64 MiB: 128 connections at 2 x 256 KiB).
+# (16 pages); bench/opaque_throughput.py --pipe-bytes measured the forwarder's CPU per GB
+# at about 0.41 s with 64 KiB, 0.22 s with 256 KiB and 0.20 s with 1 MiB: 256 KiB gets
+# most of the gain, and a bigger pipe counts against the per-user pipe page limit
+# (/proc/sys/fs/pipe-user-pages-soft, 64 MiB: 128 connections at 2 x 256 KiB; past it a
+# non-root proxy's new pipes get 2 pages and cannot grow: still correct, just slower).
 PIPE_BYTES: Final = 256 * 1024
 
 # The fallback's buffer per direction (one recv_into); same bound as the pipe.

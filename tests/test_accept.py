@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+import uvloop
 
 from shoal.kernel.bus import connect
 from shoal.kernel.config import BusSettings
@@ -315,3 +316,19 @@ async def test_nats_client_through_forwarder_without_stall(bus: Bus) -> None:
     assert results[0].reason == "server-first"
     assert results[0].upstream_data.startswith(b"INFO ")
     print(f"NATS connect through the forwarder: {connected_in * 1000:.1f} ms")
+
+
+def test_on_uvloop() -> None:
+    """The proxy runs on uvloop: classify's readiness handling works there too."""
+
+    async def scenario() -> None:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        await test_client_speaks_first(b"GET / HTTP/1.1\r\n\r\n", "http1")
+        await test_server_speaks_first_without_a_stall(b"220 ready\r\n")
+        await test_silent_client_and_silent_server_fall_back_to_opaque()
+        await test_client_eof_before_a_decision_is_opaque()
+        await test_cancelled_classify_leaks_nothing()
+        await test_forwarder_relays_server_first_protocol()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
