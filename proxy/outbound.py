@@ -246,10 +246,13 @@ class OutboundRouter:
         self._cache: dict[bytes, BalancedTarget] = {}
 
     def route(self, head: RequestHead) -> Target:
-        if head.is_connect:
-            authority = head.target
+        target_form = head.target
+        if target_form[:1] == b"/" and head.host is not None:  # origin-form: the Host
+            authority = head.host
+        elif head.method == b"CONNECT":
+            authority = target_form
         else:
-            split = split_absolute_form(head.target)
+            split = split_absolute_form(target_form)
             if split is not None:
                 authority, head.target = split
                 head.host = authority

@@ -190,7 +190,7 @@ class UpstreamProtocol(asyncio.Protocol):
         minor = 0 if self.parser.get_http_version() == "1.0" else 1
         headless = owner.on_response_head(self, self.parser.get_status_code(), self._reason,
                                           minor, self.scan)
-        self.scan.reset()  # trailers, if any, come next
+        self.scan.trailers()  # what follows the body
         if headless:
             # The response to a HEAD: llhttp could be told it has no body, httptools
             # cannot, so the message ends here, a fresh parser takes the connection's next

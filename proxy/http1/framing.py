@@ -71,8 +71,19 @@ IDEMPOTENT_METHODS: frozenset[bytes] = frozenset({
 })
 
 
+# The Connection values nearly every peer sends, pre-parsed (the hot path's shortcut).
+_COMMON_CONNECTION: dict[bytes, frozenset[bytes]] = {
+    value: frozenset({value.lower()})
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
+
+
 def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
     """The lower-cased tokens of one or more ``Connection`` field values."""
+    if len(values) == 1:
+        common = _COMMON_CONNECTION.get(values[0])
+        if common is not None:
+            return common
     tokens: set[bytes] = set()
     for value in values:
         for token in value.split(b","):
@@ -84,6 +95,8 @@ def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
 
 def parse_content_length(values: Sequence[bytes]) -> int | None:
     """RFC 9110 8.6: one non-negative decimal, or a list of identical ones; else None."""
+    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
+        return int(values[0])  # the usual single value: the loop below says the same
     found: int | None = None
     for value in values:
         for item in value.split(b","):
@@ -187,6 +200,11 @@ class FieldScan:
         self.size = self.hosts = 0
         self.host = self.length = self.expect = None
         self.coding = self.connection = self.upgrade = None
+
+    def trailers(self) -> None:
+        """The head was taken: what ``add`` gets from now on are trailer fields."""
+        self.headers = []
+        self.size = 0
 
     def add(self, name: bytes, value: bytes) -> None:
         self.size += len(name) + len(value)
@@ -314,15 +332,18 @@ def render_request_head(request: RequestHead) -> bytes:
     """The request head for the upstream, always HTTP/1.1, with ``request.target`` (the
     router may have turned absolute-form into origin-form) and, when the router set
     ``rewrite_host``, ``request.host`` replacing or adding the Host field."""
-    parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
-    host = request.host if request.rewrite_host else None
-    replaced = host is None
-    for name, value in request.headers:
-        if host is not None and len(name) == 4 and name.lower() == _HOST:
-            value, replaced = host, True
-        parts += (name, b": ", value, CRLF)
-    if not replaced and host is not None:
-        parts += (b"Host: ", host, CRLF)
+    parts = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
+    if request.rewrite_host and request.host is not None:
+        host = request.host
+        replaced = False
+        for name, value in request.headers:
+            if len(name) == 4 and name.lower() == _HOST:
+                value, replaced = host, True
+            parts.append(b"%s: %s\r\n" % (name, value))
+        if not replaced:
+            parts.append(b"Host: %s\r\n" % host)
+    else:
+        parts += [b"%s: %s\r\n" % field for field in request.headers]
     if request.body is Body.CHUNKED:
         parts += (b"Transfer-Encoding: ", request.transfer_encoding, CRLF)
     if request.upgrade is not None:
@@ -335,9 +356,8 @@ def render_response_head(response: ResponseHead, out_body: Body, close: bool,
                          client_minor: int) -> list[bytes]:
     """The response head for the client, as parts to be joined with the first body
     bytes into one write."""
-    parts = [b"HTTP/1.1 %d " % response.status, response.reason, CRLF]
-    for name, value in response.headers:
-        parts += (name, b": ", value, CRLF)
+    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)]
+    parts += [b"%s: %s\r\n" % field for field in response.headers]
     if out_body is Body.CHUNKED:
         parts += (b"Transfer-Encoding: ", response.transfer_encoding, CRLF)
     if response.upgrade is not None:

@@ -71,10 +71,8 @@ from .framing import (
     analyze_request,
     analyze_response,
     chunk_header,
-    downstream_body,
     is_retryable,
     last_chunk,
-    must_close_downstream,
     render_interim,
     render_request_head,
     render_response_head,
@@ -353,7 +351,7 @@ class ServerProtocol(asyncio.Protocol):
         parser = self.parser
         minor = 0 if parser.get_http_version() == "1.0" else 1
         ex.head = analyze_request(parser.get_method(), self._url, minor, self.scan)
-        self.scan.reset()  # trailers, if any, come next, with a budget of their own
+        self.scan.trailers()  # what follows the body, with a budget of its own
         if self.current is None and not self.queue:
             self._begin(ex)
         else:
@@ -567,27 +565,32 @@ class ServerProtocol(asyncio.Protocol):
             if ex.head.minor >= 1:  # HTTP/1.0 clients get no interim responses
                 self._out.append(render_interim(status, reason, scan.headers))
             return False
-        response = analyze_response(status, reason, minor, scan, ex.head)
+        head = ex.head
+        response = analyze_response(status, reason, minor, scan, head)
         ex.response = response
         now = monotonic()
         rtt = now - ex.started
         success = status < 500
-        self._settle(ex, success, now, rtt)
-        if not ex.observed and ex.metrics is not None:
+        if not ex.balanced:
+            ex.balanced = True
+            ex.target.on_complete(ex.endpoint, now, rtt, success)  # type: ignore[union-attr,arg-type]
+        if not ex.observed:
             ex.observed = True
-            ex.metrics.observe(status, None, rtt * 1000.0, success)
+            ex.metrics.observe(status, None, rtt * 1000.0, success)  # type: ignore[union-attr]
         if response.upgrade is not None:
-            self._out += render_response_head(response, Body.NONE, False, ex.head.minor)
+            self._out += render_response_head(response, Body.NONE, False, head.minor)
             return False  # the switch follows (on_upstream_switched)
-        out_body = downstream_body(response, ex.head)
-        close = must_close_downstream(response, ex.head, out_body, ex.request_done,
-                                      self.ctx.connections.draining) or self.upgrading
+        out_body = response.body
+        if out_body is Body.CHUNKED and head.minor == 0:
+            out_body = Body.CLOSE  # framing.downstream_body: no chunks for HTTP/1.0
+        close = (not head.keep_alive or out_body is Body.CLOSE or not ex.request_done
+                 or self.upgrading or self.ctx.connections.draining)  # must_close_downstream
         ex.out_body = out_body
         ex.close_after = close
         if response.body is Body.CLOSE:
             conn.read_until_close = True
-        self._out += render_response_head(response, out_body, close, ex.head.minor)
-        return ex.head.method == b"HEAD"
+        self._out += render_response_head(response, out_body, close, head.minor)
+        return head.method == b"HEAD"
 
     def on_response_body(self, body: bytes) -> None:
         ex = self.current
@@ -604,9 +607,26 @@ class ServerProtocol(asyncio.Protocol):
             return
         if ex.out_body is Body.CHUNKED:
             self._out.append(last_chunk(trailers))
-        keep = ex.response.keep_alive and ex.request_done
-        self._release(ex, conn, reusable=keep)
-        self._finish(ex)
+        # The fast path of _release + _finish + _advance for a kept-alive connection.
+        ex.upstream = None
+        self.peer = None
+        conn.owner = None
+        if conn.gate.reasons:
+            conn.gate.resume(PEER_FULL)
+        if self.gate.reasons:
+            self.gate.resume(PEER_FULL)
+        if ex.response.keep_alive and ex.request_done:
+            ex.target.pool.put(conn, monotonic())  # type: ignore[union-attr]
+        else:
+            conn.close()
+        ex.done = True
+        self.current = None
+        if ex.close_after or self.closing:
+            self._close()
+        elif self.queue or self.eof or self.broken or self.ctx.connections.draining:
+            self._advance()
+        elif self.gate.reasons:
+            self.gate.resume(PIPELINE)
 
     def on_upstream_lost(self, conn: UpstreamProtocol,
                          failure: BaseException | None) -> None:
