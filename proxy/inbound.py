@@ -70,7 +70,7 @@ class Inbound:
         if result.protocol == "http2":
             if result.upstream is not None:
                 result.upstream.close()
-            refuse_http2(client)
+            await refuse_http2(client)
             return
         if result.upstream is None:
             self.unreachable += 1

@@ -31,6 +31,9 @@ log = logging.getLogger("shoal.proxy")
 LISTEN_BACKLOG = 1024
 # Out of file descriptors or memory: accepting again at once would spin; wait this long.
 ACCEPT_BACKOFF_SECONDS = 0.1
+# A refused HTTP/2 client gets this long, and this many bytes, to read the GOAWAY and close.
+REFUSAL_LINGER_SECONDS = 1.0
+REFUSAL_DRAIN_BYTES = 64 * 1024
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Handler = Callable[[socket.socket], Awaitable[None]]
@@ -110,12 +113,22 @@ async def serve_http1(client: socket.socket, ctx: ServerContext, initial: bytes)
     await loop.connect_accepted_socket(lambda: ServerProtocol(ctx, initial), client)
 
 
-def refuse_http2(client: socket.socket) -> None:
-    """HTTP/2 comes with the next issue: a SETTINGS + GOAWAY(HTTP_1_1_REQUIRED), then
-    close (framing.HTTP2_REFUSAL). Best effort: the socket buffer takes these bytes."""
-    with contextlib.suppress(OSError):
-        client.send(HTTP2_REFUSAL)
+async def refuse_http2(client: socket.socket) -> None:
+    """HTTP/2 comes with the next issue: a SETTINGS + GOAWAY(HTTP_1_1_REQUIRED), then close
+    (framing.HTTP2_REFUSAL). What the client already sent is read and dropped for a moment
+    first, so the close is a FIN the client reads after the GOAWAY, not a reset that
+    would hide it."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError, TimeoutError):
+        await loop.sock_sendall(client, HTTP2_REFUSAL)
         client.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(REFUSAL_LINGER_SECONDS):
+            drained = 0
+            while drained < REFUSAL_DRAIN_BYTES:
+                data = await loop.sock_recv(client, 16 * 1024)
+                if not data:
+                    break
+                drained += len(data)
     client.close()
 
 

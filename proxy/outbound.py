@@ -180,10 +180,12 @@ class BalancedTarget:
         if len(self._series) >= MAX_ENDPOINT_SERIES:
             self._series.clear()
         labels = dict(self._labels)
-        if isinstance(endpoint, EndpointState):
+        if isinstance(endpoint, EndpointState):  # Linkerd's dst_* labels, where known
             endpoint_labels = endpoint.endpoint.labels
-            labels[m.DST_WORKLOAD] = endpoint_labels.get(LABEL_WORKLOAD, "")
-            labels["dst_pod"] = endpoint_labels.get(LABEL_POD, "")
+            if endpoint_labels.get(LABEL_WORKLOAD):
+                labels[m.DST_WORKLOAD] = endpoint_labels[LABEL_WORKLOAD]
+            if endpoint_labels.get(LABEL_POD):
+                labels["dst_pod"] = endpoint_labels[LABEL_POD]
         series = self._metrics.request_metrics(self._direction, labels)
         self._series[endpoint.key] = series
         return series
@@ -297,7 +299,7 @@ class Outbound:
         if result.protocol == "http1":
             await serve_http1(client, self.ctx, result.client_data)
         elif result.protocol == "http2":
-            refuse_http2(client)
+            await refuse_http2(client)
         else:
             self.no_destination += 1
             client.close()
@@ -379,7 +381,7 @@ class PortMapped:
         if result.protocol == "http2":
             if result.upstream is not None:
                 result.upstream.close()
-            refuse_http2(client)
+            await refuse_http2(client)
             return
         if result.upstream is None:
             self.unreachable += 1

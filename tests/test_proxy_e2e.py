@@ -268,6 +268,16 @@ async def test_no_endpoints_fails_fast(mesh: Mesh, operator: Client) -> None:
     assert 0.9 < elapsed < 5  # --failfast-timeout 1 on this proxy
 
 
+def test_http2_prior_knowledge_is_refused_cleanly(mesh: Mesh) -> None:
+    result = _curl("-v", "--http2-prior-knowledge", "-H", f"Host: web.{NS}", f"{mesh.url}/",
+                   timeout=10)
+    assert result.returncode != 0
+    # curl 7.88 spells it "recveived GOAWAY, error=13" (13: HTTP_1_1_REQUIRED).
+    assert b"GOAWAY, error=13" in result.stderr, result.stderr
+    # The proxy is unharmed.
+    assert _curl("-H", f"Host: web.{NS}", f"{mesh.url}/").stdout == b"hello from web\n"
+
+
 def test_metrics_have_linkerd_names_and_labels(mesh: Mesh) -> None:
     requests.get(f"{mesh.url}/", headers={"Host": f"web.{NS}"}, timeout=10)
     text = mesh.out.metrics()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,10 @@ def test_traffic_keeps_flowing_when_nats_stops(own_nats: EmbeddedNats, tmp_path:
                                          timeout=5).status_code)
         assert len(statuses) > 10 and set(statuses) == {200}, statuses
         assert http_get(out.admin_port, "/ready")[0] == 200  # ready stays: fail static
+        # Shutting down without a bus still ends cleanly (the deregistration is lost;
+        # the TTL removes the instance).
+        inbound.signal(signal.SIGTERM)
+        assert inbound.wait(15) == 0, inbound.log()
     finally:
         for child in reversed(children):
             child.stop()
