@@ -23,6 +23,7 @@ from shoal.kernel.config import BusNotFound, BusSettings, resolve_bus
 from shoal.schemas.names import is_dns_label
 
 from .detect import DEFAULT_OPAQUE_PORTS, DETECT_TIMEOUT_SECONDS
+from .discover import INBOUND_FAILFAST_SECONDS, OUTBOUND_FAILFAST_SECONDS
 
 ENV_PREFIX = "SHOAL_PROXY_"
 
@@ -51,9 +52,8 @@ MAX_PENDING_BODY_BYTES = 64 * 1024
 # Connecting to an endpoint: Linkerd's outbound 1 s and inbound 100 ms (the app is local).
 OUTBOUND_CONNECT_TIMEOUT_SECONDS = 1.0
 INBOUND_CONNECT_TIMEOUT_SECONDS = 0.1
-# No endpoint available: Linkerd fails fast after 3 s outbound and 1 s inbound (503).
-OUTBOUND_FAILFAST_SECONDS = 3.0
-INBOUND_FAILFAST_SECONDS = 1.0
+# No endpoint available: Linkerd fails fast after 3 s outbound and 1 s inbound (503);
+# OUTBOUND_FAILFAST_SECONDS and INBOUND_FAILFAST_SECONDS come from discover.py.
 # From the first byte of a request to the end of its head (slow-loris bound; 408).
 REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
 # From sending a request to its response head (504). Per-route timeouts come with

@@ -340,3 +340,15 @@ def test_config_helpers() -> None:
     with pytest.raises(ConfigError):
         parse_static("a.b=host", "ns")
     assert parse_upstream("1=svc", "ns").target.namespace == "ns"
+
+
+def test_original_destination_of_a_plain_connection_is_none() -> None:
+    import socket
+
+    from shoal.proxy.origdst import original_destination
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        with client, accepted:
+            assert original_destination(accepted) is None  # not redirected by iptables
