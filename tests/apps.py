@@ -30,10 +30,20 @@ READ_CHUNK = 64 * 1024
 SOCKET_TIMEOUT = 30.0  # every blocking wait in these apps is bounded
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: the sockets stay bound until all are chosen, so the
+    kernel cannot hand the same port out twice."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind((LOOPBACK, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 class _Server(ThreadingHTTPServer):

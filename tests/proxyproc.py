@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shoal.kernel.process import die_with_parent
 
-from .apps import LOOPBACK, free_port
+from .apps import LOOPBACK, free_port, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_SECONDS = 30.0  # a cold interpreter on a busy 2-core machine
@@ -99,9 +99,10 @@ class ProxyProcess(Child):
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path, *args: str,
                  outbound: bool = True, app_port: int | None = None) -> None:
-        self.admin_port = free_port()
-        self.outbound_port = free_port() if outbound else 0
-        self.inbound_port = free_port() if app_port is not None else 0
+        admin, out, inbound = free_ports(3)
+        self.admin_port = admin
+        self.outbound_port = out if outbound else 0
+        self.inbound_port = inbound if app_port is not None else 0
         argv = [sys.executable, "-m", "shoal.proxy", "--admin-port", str(self.admin_port),
                 "--outbound-port", str(self.outbound_port),
                 "--inbound-port", str(self.inbound_port), "--log-level", "info", *args]

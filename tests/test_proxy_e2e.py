@@ -37,7 +37,7 @@ from shoal.schemas import names
 from shoal.schemas.codec import encode
 from shoal.schemas.endpoints import Deregistration, Endpoint, EndpointSet, Registration
 
-from .apps import LOOPBACK, HttpApp, TcpEcho, WebSocketEcho, free_port
+from .apps import LOOPBACK, HttpApp, TcpEcho, WebSocketEcho, free_ports
 from .conftest import Bus
 from .proxyproc import Child, ProxyProcess, destination, http_get, proxy_env
 
@@ -55,6 +55,7 @@ class Mesh:
     echo: TcpEcho
     echo_port: int  # the out proxy's port-mapped upstream for echo.e2e
     nats_port: int  # ... and for nats.e2e
+    web_port: int  # ... and for web.e2e (HTTP)
     children: list[Child]
     log_dir: Path
 
@@ -88,10 +89,11 @@ def mesh(bus: Bus, buckets: None, tmp_path_factory: pytest.TempPathFactory) -> I
     echo = TcpEcho()
     nats_port = int(bus.url.rsplit(":", 1)[1])
     dest, dest_port = destination(proxy_env(bus.env("controller")), log_dir)
-    echo_local, nats_local = free_port(), free_port()
+    echo_local, nats_local, web_local = free_ports(3)
     out = ProxyProcess("out", env, log_dir, "--namespace", NS, "--failfast-timeout", "1",
                        "--upstream", f"{echo_local}=echo.{NS}:7000",
-                       "--upstream", f"{nats_local}=nats.{NS}:4222")
+                       "--upstream", f"{nats_local}=nats.{NS}:4222",
+                       "--upstream", f"{web_local}=web.{NS}:8080")
     inbound = [
         ProxyProcess(name, env, log_dir, "--namespace", NS, "--service", name,
                      outbound=False, app_port=port)
@@ -107,8 +109,8 @@ def mesh(bus: Bus, buckets: None, tmp_path_factory: pytest.TempPathFactory) -> I
             proxy.wait_ready()
         for name in ("web", "ws"):
             _wait_routed(out.outbound_port, f"{name}.{NS}")
-        yield Mesh(bus, out, inbound[0], web, ws, echo, echo_local, nats_local, children,
-                   log_dir)
+        yield Mesh(bus, out, inbound[0], web, ws, echo, echo_local, nats_local, web_local,
+                   children, log_dir)
     finally:
         for child in reversed(children):
             child.stop()
@@ -292,6 +294,16 @@ def test_metrics_have_linkerd_names_and_labels(mesh: Mesh) -> None:
 # -- opaque TCP through port-mapped upstreams ---------------------------------------------
 
 
+def test_http_through_a_port_mapped_upstream(mesh: Mesh) -> None:
+    with requests.Session() as session:  # whatever Host says, the listener names the service
+        for host in ("localhost", f"web.{NS}"):
+            response = session.get(f"http://{LOOPBACK}:{mesh.web_port}/",
+                                   headers={"Host": host}, timeout=10)
+            assert response.text == "hello from web\n"
+    result = _curl("-X", "CONNECT", "-w", "%{http_code}", f"http://{LOOPBACK}:{mesh.web_port}/")
+    assert result.stdout.endswith(b"405"), result.stdout
+
+
 def test_tcp_echo_with_half_close(mesh: Mesh) -> None:
     payload = b"\x00\x01\x02 opaque bytes " + os.urandom(3 * 1024 * 1024)
     with socket.create_connection((LOOPBACK, mesh.echo_port), timeout=20) as sock:
@@ -441,10 +453,20 @@ async def test_shutdown_deregisters_first_then_drains(mesh: Mesh, bus: Bus,
         proxy.start()
         await asyncio.to_thread(proxy.wait_ready)
         await _wait_endpoints(nc, "leaving", 1)
+        # A request in flight when the drain starts is answered, then the connection ends.
+        reader, writer = await asyncio.open_connection(LOOPBACK, proxy.inbound_port)
+        writer.write(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: leaving\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
         status, _ = await asyncio.to_thread(http_get, proxy.admin_port, "/shutdown", "POST")
         assert status == 200
         # The endpoint is gone while the proxy still serves (deregistration grace).
         await _wait_endpoints(nc, "leaving", 0)
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"slow\n")
+        assert b"Connection: close" in answer
         code = await asyncio.to_thread(proxy.wait, 20)
         assert code == 0, proxy.log()
         assert "shutting down" in proxy.log()
