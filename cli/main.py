@@ -81,6 +81,9 @@ def schema_export(directory: Path) -> None:
 from . import policy as _policy  # noqa: E402  (registers `shoal policy`)
 
 app.add_typer(_policy.app, name="policy")
+from . import proxy as _proxy  # noqa: E402  (registers `shoal proxy`)
+
+app.command("proxy", context_settings=_proxy.PASS_THROUGH, add_help_option=False)(_proxy.proxy)
 
 from . import identity as _identity  # noqa: E402  (registers `shoal identity`)
 

@@ -1,0 +1,130 @@
+"""Every failure the proxy answers itself, and the one place that renders them.
+
+Each failure is a small named class that knows its HTTP status and says whose fault it is
+in its message (as linkerd2-proxy's errors do). ``render`` turns one into a complete
+HTTP/1.1 response carrying the reason in a ``shoal-proxy-error`` header, and the same text
+in ``l5d-proxy-error`` so Linkerd tooling that looks for that header keeps working.
+Nothing else in the proxy writes an error response.
+
+Statuses (docs/proxy.md, "Errors"): malformed request 400, request target too long 414,
+headers over the limit 431, request head too slow 408, unknown service 503, no endpoints
+after fail-fast 503, upstream refused or reset 502, upstream connect or response timeout
+504.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+ERROR_HEADER = b"shoal-proxy-error"
+LINKERD_ERROR_HEADER = b"l5d-proxy-error"
+
+# Header values are one line of visible ASCII (RFC 9110 5.5); longer details are cut.
+MAX_ERROR_TEXT = 200
+
+
+class ProxyError(Exception):
+    """A request the proxy answers itself. ``status`` is what the client sees."""
+
+    status: ClassVar[int] = 502
+    reason: ClassVar[bytes] = b"Bad Gateway"
+    # True: the peer broke the protocol, so the connection cannot be trusted any more.
+    fatal: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class MalformedRequest(ProxyError):
+    """The client sent bytes that are not a valid HTTP/1.x request (client's fault)."""
+
+    status, reason, fatal = 400, b"Bad Request", True
+
+
+class BadAuthority(ProxyError):
+    """Host / absolute-form authority is not a service name the proxy can route."""
+
+    status, reason = 400, b"Bad Request"
+
+
+class RequestTargetTooLong(ProxyError):
+    status, reason, fatal = 414, b"URI Too Long", True
+
+
+class HeadersTooLarge(ProxyError):
+    status, reason, fatal = 431, b"Request Header Fields Too Large", True
+
+
+class RequestHeadTimeout(ProxyError):
+    status, reason, fatal = 408, b"Request Timeout", True
+
+
+class MethodNotAllowed(ProxyError):
+    status, reason = 405, b"Method Not Allowed"
+
+
+class UnknownService(ProxyError):
+    """Discovery answered: the endpoints bucket has no such service."""
+
+    status, reason = 503, b"Service Unavailable"
+
+
+class NoEndpoints(ProxyError):
+    """The service exists (or discovery has not answered) but had no endpoint to send to
+    within the fail-fast timeout (Linkerd: 3 s outbound, 1 s inbound)."""
+
+    status, reason = 503, b"Service Unavailable"
+
+
+class UpstreamRefused(ProxyError):
+    """Connecting to the endpoint failed (refused, unreachable)."""
+
+    status, reason = 502, b"Bad Gateway"
+
+
+class UpstreamReset(ProxyError):
+    """The endpoint closed or reset the connection before a complete response head."""
+
+    status, reason = 502, b"Bad Gateway"
+
+
+class UpstreamMalformed(ProxyError):
+    """The endpoint answered with bytes that are not a valid HTTP/1.x response."""
+
+    status, reason = 502, b"Bad Gateway"
+
+
+class UpstreamConnectTimeout(ProxyError):
+    status, reason = 504, b"Gateway Timeout"
+
+
+class ResponseTimeout(ProxyError):
+    """No response head from the endpoint within the response timeout."""
+
+    status, reason = 504, b"Gateway Timeout"
+
+
+def _header_text(message: str) -> bytes:
+    text = message.encode("ascii", "replace")[:MAX_ERROR_TEXT]
+    return bytes(c if 0x20 <= c < 0x7F else 0x3F for c in text)  # "?" for the rest
+
+
+def render(error: ProxyError, *, close: bool, head_only: bool = False) -> bytes:
+    """The whole response for ``error``; ``close`` adds ``Connection: close``;
+    ``head_only`` (the request was HEAD) leaves the body out but keeps its length."""
+    text = _header_text(error.message)
+    body = text + b"\n"
+    parts = [
+        b"HTTP/1.1 %d %s\r\n" % (error.status, error.reason),
+        b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-length: %d\r\n" % len(body),
+        ERROR_HEADER + b": " + text + b"\r\n",
+        LINKERD_ERROR_HEADER + b": " + text + b"\r\n",
+    ]
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)

@@ -1,0 +1,391 @@
+"""Outbound: the app's requests to other services, routed by authority.
+
+Path: authority (Host, absolute-form target or CONNECT) -> service name -> the service's
+discovery entry and balancer -> an endpoint -> the HTTP/1 engine's pool. Port-mapped
+upstreams skip the first step: their listener names the service.
+
+Authorities accepted (``parse_authority``): ``svc``, ``svc.ns``, ``svc.ns.svc`` and
+``svc.ns.svc.<cluster-domain>``, each with or without ``:port``; a short name is in the
+proxy's own namespace. In local mode every endpoint is the peer's inbound proxy, which
+forwards to its one app port, so the authority's port selects nothing; it is kept in the
+``authority`` metric label (as Linkerd's). Anything else (an IP literal, a name outside
+the cluster domain) is not a service: ``UnknownService`` (503), except a malformed
+authority (400).
+
+Answers the app sees: unknown service (the bucket has no entry) -> 503 at once; a known
+service without an available endpoint -> wait up to the fail-fast timeout (Linkerd: 3 s)
+for one, then 503; connection refused on every endpoint tried -> 502; connect timeout ->
+504 (errors.py renders them all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Collection, Mapping
+from typing import Protocol
+
+from shoal.schemas.endpoints import LABEL_POD, LABEL_WORKLOAD, Endpoint, EndpointSet
+from shoal.schemas.names import is_dns_label
+
+from . import metrics as m
+from .accept import classify, connect_tcp
+from .balance import Balancer, EndpointState
+from .config import DirectionSettings, PortMapping, ProxyConfig, ServiceName
+from .discover import Discovery
+from .errors import BadAuthority, NoEndpoints, ProxyError, UnknownService, UpstreamRefused
+from .http1.client import Pool
+from .http1.framing import RequestHead, split_absolute_form
+from .http1.server import ServerContext
+from .listen import adopt, refuse_http2, serve_http1
+from .metrics import ProxyMetrics, RequestMetrics
+from .opaque import forward_opaque
+from .route import TLS_LABELS, EndpointKey, EndpointRef, FixedRouter, RequestCounter, Target
+from .runtime import Runtime
+
+# How often a request waiting for endpoints (fail-fast window) looks again. Discovery has
+# no change notification; 20 ms adds at most that to the first request after an endpoint
+# appears, and costs nothing when no request waits.
+ENDPOINT_POLL_SECONDS = 0.02
+# Authorities remembered per router (Host header spellings -> target). Host headers are
+# client input, so the cache is bounded; the oldest spelling is forgotten first.
+MAX_ROUTE_CACHE = 4096
+# Per-endpoint metric series kept per target before the cache is rebuilt (endpoints come
+# and go; the metrics themselves are bounded by metrics.MAX_SERIES).
+MAX_ENDPOINT_SERIES = 1024
+
+
+
+class Entry(Protocol):
+    """What a target needs from discovery (discover.ServiceEntry, or a static one)."""
+
+    namespace: str
+    service: str
+    balancer: Balancer
+    known: asyncio.Event
+    exists: bool
+
+
+class StaticEntry:
+    """A service whose endpoints were given on the command line (no discovery)."""
+
+    def __init__(self, name: ServiceName, endpoints: Collection[tuple[str, int]]) -> None:
+        self.namespace = name.namespace
+        self.service = name.service
+        self.balancer = Balancer()
+        self.endpoint_set = EndpointSet(
+            namespace=name.namespace, service=name.service,
+            endpoints=[Endpoint(address=host, port=port) for host, port in endpoints])
+        self.balancer.update(self.endpoint_set.endpoints, time.monotonic())
+        self.known = asyncio.Event()
+        self.known.set()
+        self.exists = True
+
+
+def parse_authority(authority: bytes, default_namespace: str,
+                    cluster_domain: str) -> tuple[ServiceName, int | None]:
+    """``svc[.ns[.svc[.cluster.local]]][:port]`` -> (service name, port)."""
+    try:
+        text = authority.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        raise BadAuthority("authority is not ASCII") from None
+    host, port = text, None
+    if text.startswith("["):
+        raise UnknownService(f"{text} is an IP address, not a service name")
+    if ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise BadAuthority(f"invalid port in authority {text!r}")
+        port = int(port_text)
+    host = host.rstrip(".")
+    labels = host.split(".")
+    if not all(labels):
+        raise BadAuthority(f"invalid authority {text!r}")
+    suffix = ["svc", *cluster_domain.split(".")] if cluster_domain else ["svc"]
+    if len(labels) == 1:
+        service, namespace = labels[0], default_namespace
+    elif len(labels) == 2:
+        service, namespace = labels
+    elif labels[2:] == suffix[: len(labels) - 2]:
+        service, namespace = labels[0], labels[1]
+    elif all(label.isdigit() for label in labels):
+        raise UnknownService(f"{host} is an IP address, not a service name")
+    else:
+        raise UnknownService(f"{host} is not a service name in {cluster_domain}")
+    if not (is_dns_label(service) and is_dns_label(namespace)):
+        raise BadAuthority(f"invalid service name in authority {text!r}")
+    return ServiceName(namespace, service), port
+
+
+def canonical_authority(name: ServiceName, port: int | None, cluster_domain: str) -> str:
+    fqdn = f"{name.service}.{name.namespace}.svc.{cluster_domain}"
+    return f"{fqdn}:{port}" if port else fqdn
+
+
+class BalancedTarget:
+    """One service (and port): endpoints from its entry, chosen by its balancer."""
+
+    def __init__(self, entry: Entry, authority: str, pool: Pool, metrics: ProxyMetrics,
+                 settings: DirectionSettings, direction: str = "outbound") -> None:
+        self.entry = entry
+        self.balancer = entry.balancer
+        self.authority = authority.encode()
+        self.pool = pool
+        self.connect_timeout = settings.connect_timeout
+        self.failfast_timeout = settings.failfast_timeout
+        self._metrics = metrics
+        self._direction = direction
+        self._labels = {m.AUTHORITY: authority, m.DST_NAMESPACE: entry.namespace,
+                        m.DST_SERVICE: entry.service, **TLS_LABELS}
+        self._series: dict[EndpointKey, RequestMetrics] = {}
+        self.name = f"{entry.service}.{entry.namespace}"
+
+    def pick(self, now: float, exclude: Collection[EndpointKey]) -> EndpointRef | None:
+        state = self.balancer.pick(now, exclude)
+        if state is None and not exclude and not self.entry.exists and self.entry.known.is_set():
+            raise UnknownService(f"unknown service {self.name}")
+        return state
+
+    async def wait_pick(self, exclude: Collection[EndpointKey]) -> EndpointRef:
+        entry = self.entry
+        try:
+            async with asyncio.timeout(self.failfast_timeout):
+                await entry.known.wait()
+                while True:
+                    state = self.balancer.pick(time.monotonic(), exclude)
+                    if state is not None:
+                        return state
+                    if not entry.exists:
+                        raise UnknownService(f"unknown service {self.name}")
+                    await asyncio.sleep(ENDPOINT_POLL_SECONDS)
+        except TimeoutError:
+            pass
+        if not entry.known.is_set():
+            raise NoEndpoints(f"service discovery did not answer for {self.name} within "
+                              f"{self.failfast_timeout:g}s (fail-fast)")
+        if len(self.balancer):
+            raise NoEndpoints(f"every endpoint of {self.name} is failing "
+                              f"(fail-fast after {self.failfast_timeout:g}s)")
+        raise NoEndpoints(f"no endpoints for {self.name} "
+                          f"(fail-fast after {self.failfast_timeout:g}s)")
+
+    def request_metrics(self, endpoint: EndpointRef) -> RequestCounter:
+        series = self._series.get(endpoint.key)
+        if series is None:
+            series = self._new_series(endpoint)
+        return series
+
+    def _new_series(self, endpoint: EndpointRef) -> RequestMetrics:
+        if len(self._series) >= MAX_ENDPOINT_SERIES:
+            self._series.clear()
+        labels = dict(self._labels)
+        if isinstance(endpoint, EndpointState):  # Linkerd's dst_* labels, where known
+            endpoint_labels = endpoint.endpoint.labels
+            if endpoint_labels.get(LABEL_WORKLOAD):
+                labels[m.DST_WORKLOAD] = endpoint_labels[LABEL_WORKLOAD]
+            if endpoint_labels.get(LABEL_POD):
+                labels["dst_pod"] = endpoint_labels[LABEL_POD]
+        series = self._metrics.request_metrics(self._direction, labels)
+        self._series[endpoint.key] = series
+        return series
+
+    def on_dispatch(self, endpoint: EndpointRef, now: float) -> None:
+        assert isinstance(endpoint, EndpointState)
+        self.balancer.on_dispatch(endpoint, now)
+
+    def on_complete(self, endpoint: EndpointRef, now: float, rtt_s: float,
+                    success: bool) -> None:
+        assert isinstance(endpoint, EndpointState)
+        self.balancer.on_complete(endpoint, now, rtt_s, success)
+
+    def on_connect_error(self, endpoint: EndpointRef, now: float) -> None:
+        assert isinstance(endpoint, EndpointState)
+        self.balancer.on_connect_error(endpoint, now)
+
+
+class Services:
+    """Service name (+ port) -> BalancedTarget, from static endpoints or discovery."""
+
+    def __init__(self, *, discovery: Discovery | None, static: Mapping[ServiceName, StaticEntry],
+                 pool: Pool, metrics: ProxyMetrics, settings: DirectionSettings,
+                 cluster_domain: str) -> None:
+        self.discovery = discovery
+        self.static = static
+        self.pool = pool
+        self.metrics = metrics
+        self.settings = settings
+        self.cluster_domain = cluster_domain
+        self._targets: dict[tuple[ServiceName, int | None], BalancedTarget] = {}
+
+    def target(self, name: ServiceName, port: int | None) -> BalancedTarget:
+        key = (name, port)
+        target = self._targets.get(key)
+        if target is not None:
+            return target
+        entry: Entry
+        static = self.static.get(name)
+        if static is not None:
+            entry = static
+        elif self.discovery is not None:
+            entry = self.discovery.lookup(name.namespace, name.service)
+        else:
+            raise UnknownService(f"unknown service {name} (no bus: static endpoints only)")
+        target = BalancedTarget(entry, canonical_authority(name, port, self.cluster_domain),
+                                self.pool, self.metrics, self.settings)
+        if len(self._targets) >= MAX_ROUTE_CACHE:
+            self._targets.pop(next(iter(self._targets)))
+        self._targets[key] = target
+        return target
+
+
+class OutboundRouter:
+    """Routes by the request's authority (the HTTP/1 engine's Router)."""
+
+    def __init__(self, services: Services, default_namespace: str) -> None:
+        self.services = services
+        self.default_namespace = default_namespace
+        self._cache: dict[bytes, BalancedTarget] = {}
+
+    def route(self, head: RequestHead) -> Target:
+        target_form = head.target
+        if target_form[:1] == b"/" and head.host is not None:  # origin-form: the Host
+            authority = head.host
+        elif head.method == b"CONNECT":
+            authority = target_form
+        else:
+            split = split_absolute_form(target_form)
+            if split is not None:
+                authority, head.target = split
+                head.host = authority
+                head.rewrite_host = True
+            elif head.host is not None:
+                authority = head.host
+            else:
+                raise BadAuthority("no Host header: cannot tell which service to call")
+        target = self._cache.get(authority)
+        if target is None:
+            target = self._resolve(authority)
+        return target
+
+    def _resolve(self, authority: bytes) -> BalancedTarget:
+        name, port = parse_authority(authority, self.default_namespace,
+                                     self.services.cluster_domain)
+        target = self.services.target(name, port)
+        if len(self._cache) >= MAX_ROUTE_CACHE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[authority] = target
+        return target
+
+
+class Outbound:
+    """The outbound port: HTTP/1 routed by authority; HTTP/2 refused until the next
+    issue. An opaque connection here has no destination: authority routing needs a
+    request, and the original-destination lookup (transparent mode, iptables) comes with
+    the Kubernetes issue, where it slots in as ``connect_upstream`` for classify."""
+
+    def __init__(self, config: ProxyConfig, runtime: Runtime, services: Services) -> None:
+        self.config = config
+        self.ctx = ServerContext(
+            router=OutboundRouter(services, config.namespace), settings=config.http1,
+            tcp=runtime.metrics.tcp_metrics("outbound", {"peer": "src"}),
+            connections=runtime.connections)
+        self.no_destination = 0  # opaque connections closed for want of a destination
+
+    async def handle(self, client: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        result = await classify(loop, client, opaque=False, connect_upstream=None,
+                                timeout=self.config.detect_timeout)
+        if result.protocol == "http1":
+            await serve_http1(client, self.ctx, result.client_data)
+        elif result.protocol == "http2":
+            await refuse_http2(client)
+        else:
+            self.no_destination += 1
+            client.close()
+
+
+class PortMapped:
+    """A local port forwarding to one service (``--upstream LOCAL=svc.ns[:PORT]``):
+    detection with the upstream connected in parallel (so NATS, MySQL and friends never
+    stall), then HTTP/1 through the engine or opaque bytes relayed at kernel speed. The
+    service's port in the mapping decides opacity (the opaque-ports list)."""
+
+    def __init__(self, mapping: PortMapping, config: ProxyConfig, runtime: Runtime,
+                 services: Services) -> None:
+        self.mapping = mapping
+        self.config = config
+        self.target = services.target(mapping.target, mapping.port)
+        metrics = runtime.metrics
+        labels = {m.AUTHORITY: self.target.authority.decode(),
+                  m.DST_NAMESPACE: mapping.target.namespace,
+                  m.DST_SERVICE: mapping.target.service, **TLS_LABELS}
+        self.ctx = ServerContext(
+            router=FixedRouter(self.target), settings=config.http1,
+            tcp=metrics.tcp_metrics("outbound", {"peer": "src", **labels}),
+            connections=runtime.connections)
+        self.opaque_tcp = metrics.tcp_metrics("outbound", {"peer": "src", "protocol": "opaque",
+                                                           **labels})
+        self.opaque = mapping.port is not None and mapping.port in config.opaque_ports
+        self.unreachable = 0
+
+    async def connect(self) -> tuple[socket.socket, EndpointState]:
+        """A connected socket to an endpoint chosen by the balancer, trying others on
+        failure; the balancer gets the connect time as the RTT sample."""
+        loop = asyncio.get_running_loop()
+        target = self.target
+        exclude: list[EndpointKey] = []
+        last: ProxyError | None = None
+        for _ in range(self.config.http1.max_connect_attempts):
+            state = target.pick(time.monotonic(), exclude)
+            if state is None:
+                if last is not None:
+                    raise last
+                state = await target.wait_pick(exclude)
+            assert isinstance(state, EndpointState)
+            started = time.monotonic()
+            try:
+                sock = await connect_tcp(loop, state.key[0], state.key[1],
+                                         target.connect_timeout)
+            except OSError as error:
+                target.on_connect_error(state, time.monotonic())
+                exclude.append(state.key)
+                last = UpstreamRefused(f"connecting to {state.key[0]}:{state.key[1]} failed: "
+                                       f"{error.strerror or type(error).__name__}")
+                continue
+            now = time.monotonic()
+            target.on_dispatch(state, now)
+            target.on_complete(state, now, now - started, True)
+            return sock, state
+        raise last or NoEndpoints(f"no endpoint of {target.name} could be reached")
+
+    async def handle(self, client: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        chosen: list[EndpointKey] = []
+
+        async def connector() -> socket.socket:
+            try:
+                sock, state = await self.connect()
+            except ProxyError as error:  # classify expects OSError from its connector
+                raise ConnectionError(error.message) from None
+            chosen.append(state.key)
+            return sock
+
+        result = await classify(loop, client, opaque=self.opaque, connect_upstream=connector,
+                                timeout=self.config.detect_timeout)
+        if result.protocol == "http1":
+            if result.upstream is not None and chosen:
+                await adopt(self.target.pool, chosen[0], result.upstream)
+            await serve_http1(client, self.ctx, result.client_data)
+            return
+        if result.protocol == "http2":
+            if result.upstream is not None:
+                result.upstream.close()
+            await refuse_http2(client)
+            return
+        if result.upstream is None:
+            self.unreachable += 1
+            client.close()
+            return
+        await forward_opaque(client, result.upstream, result.client_data, self.opaque_tcp,
+                             upstream_initial=result.upstream_data)
