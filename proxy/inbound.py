@@ -20,6 +20,7 @@ from .config import ProxyConfig
 from .http1.client import Pool
 from .http1.server import ServerContext
 from .listen import adopt, refuse_http2, serve_http1
+from .observe import RouteSeries
 from .opaque import forward_opaque
 from .route import TLS_LABELS, FixedRouter, FixedTarget
 from .runtime import Runtime
@@ -41,13 +42,18 @@ class Inbound:
             max_head_bytes=config.http1.max_response_head_bytes,
             tcp=metrics.tcp_metrics("inbound", {"peer": "dst", "target_addr": target_addr}))
         labels = {"target_addr": target_addr, **TLS_LABELS}
+        observer = runtime.observer("inbound")
+        # One series per route and caller (src_namespace/src_workload from the
+        # shoal-client-workload field the caller's proxy stamps; observe.py).
         self.target = FixedTarget(
             self.host, self.port, self.pool, metrics.request_metrics("inbound", labels),
-            config.inbound.connect_timeout)
+            config.inbound.connect_timeout,
+            series=RouteSeries(metrics, "inbound", labels),
+            peer=observer.local_peer(self.host, self.port))
         self.ctx = ServerContext(
             router=FixedRouter(self.target), settings=config.http1,
             tcp=metrics.tcp_metrics("inbound", {"peer": "src", **labels}),
-            connections=runtime.connections)
+            connections=runtime.connections, observer=observer)
         self.opaque_tcp = metrics.tcp_metrics("inbound", {"peer": "src", "protocol": "opaque",
                                                           **labels})
         self.opaque = self.port in config.opaque_ports

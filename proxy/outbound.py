@@ -28,6 +28,7 @@ from typing import Protocol
 
 from shoal.schemas.endpoints import LABEL_POD, LABEL_WORKLOAD, Endpoint, EndpointSet
 from shoal.schemas.names import is_dns_label
+from shoal.schemas.tap import Peer
 
 from . import metrics as m
 from .accept import classify, connect_tcp
@@ -51,9 +52,9 @@ ENDPOINT_POLL_SECONDS = 0.02
 # Authorities remembered per router (Host header spellings -> target). Host headers are
 # client input, so the cache is bounded; the oldest spelling is forgotten first.
 MAX_ROUTE_CACHE = 4096
-# Per-endpoint metric series kept per target before the cache is rebuilt (endpoints come
-# and go; the metrics themselves are bounded by metrics.MAX_SERIES).
-MAX_ENDPOINT_SERIES = 1024
+# Per-endpoint-and-route metric series kept per target before the cache is rebuilt
+# (endpoints come and go; the metrics themselves are bounded by metrics.MAX_SERIES).
+MAX_ENDPOINT_SERIES = 4096
 
 
 
@@ -138,7 +139,7 @@ class BalancedTarget:
         self._direction = direction
         self._labels = {m.AUTHORITY: authority, m.DST_NAMESPACE: entry.namespace,
                         m.DST_SERVICE: entry.service, **TLS_LABELS}
-        self._series: dict[EndpointKey, RequestMetrics] = {}
+        self._series: dict[tuple[EndpointKey | None, str], RequestMetrics] = {}
         self.name = f"{entry.service}.{entry.namespace}"
 
     def pick(self, now: float, exclude: Collection[EndpointKey]) -> EndpointRef | None:
@@ -170,16 +171,20 @@ class BalancedTarget:
         raise NoEndpoints(f"no endpoints for {self.name} "
                           f"(fail-fast after {self.failfast_timeout:g}s)")
 
-    def request_metrics(self, endpoint: EndpointRef) -> RequestCounter:
-        series = self._series.get(endpoint.key)
+    def request_metrics(self, endpoint: EndpointRef | None, route: str = "",
+                        client: bytes | None = None) -> RequestCounter:
+        """Per endpoint and route (the caller is this proxy's own workload)."""
+        series = self._series.get((endpoint.key if endpoint is not None else None, route))
         if series is None:
-            series = self._new_series(endpoint)
+            series = self._new_series(endpoint, route)
         return series
 
-    def _new_series(self, endpoint: EndpointRef) -> RequestMetrics:
+    def _new_series(self, endpoint: EndpointRef | None, route: str) -> RequestMetrics:
         if len(self._series) >= MAX_ENDPOINT_SERIES:
             self._series.clear()
         labels = dict(self._labels)
+        if route:
+            labels[m.ROUTE] = route
         if isinstance(endpoint, EndpointState):  # Linkerd's dst_* labels, where known
             endpoint_labels = endpoint.endpoint.labels
             if endpoint_labels.get(LABEL_WORKLOAD):
@@ -187,8 +192,21 @@ class BalancedTarget:
             if endpoint_labels.get(LABEL_POD):
                 labels["dst_pod"] = endpoint_labels[LABEL_POD]
         series = self._metrics.request_metrics(self._direction, labels)
-        self._series[endpoint.key] = series
+        self._series[(endpoint.key if endpoint is not None else None, route)] = series
         return series
+
+    def destination(self, endpoint: EndpointRef | None) -> Peer:
+        """The endpoint as tap shows it: address, and workload, pod and identity from
+        discovery where known."""
+        if endpoint is None:
+            return Peer(namespace=self.entry.namespace)
+        address, port = endpoint.key
+        if not isinstance(endpoint, EndpointState):
+            return Peer(address=address, port=port, namespace=self.entry.namespace)
+        known = endpoint.endpoint
+        return Peer(address=address, port=port, namespace=self.entry.namespace,
+                    workload=known.labels.get(LABEL_WORKLOAD, ""),
+                    pod=known.labels.get(LABEL_POD, ""), identity=known.identity)
 
     def on_dispatch(self, endpoint: EndpointRef, now: float) -> None:
         assert isinstance(endpoint, EndpointState)
@@ -289,7 +307,7 @@ class Outbound:
         self.ctx = ServerContext(
             router=OutboundRouter(services, config.namespace), settings=config.http1,
             tcp=runtime.metrics.tcp_metrics("outbound", {"peer": "src"}),
-            connections=runtime.connections)
+            connections=runtime.connections, observer=runtime.observer("outbound"))
         self.no_destination = 0  # opaque connections closed for want of a destination
 
     async def handle(self, client: socket.socket) -> None:
@@ -323,7 +341,7 @@ class PortMapped:
         self.ctx = ServerContext(
             router=FixedRouter(self.target), settings=config.http1,
             tcp=metrics.tcp_metrics("outbound", {"peer": "src", **labels}),
-            connections=runtime.connections)
+            connections=runtime.connections, observer=runtime.observer("outbound"))
         self.opaque_tcp = metrics.tcp_metrics("outbound", {"peer": "src", "protocol": "opaque",
                                                            **labels})
         self.opaque = mapping.port is not None and mapping.port in config.opaque_ports

@@ -11,7 +11,9 @@ per request whatever the number of sessions, listing the matching sessions' ids.
 
 Sessions come from the ``shoal_tap`` bucket (``TapRegistry.watch``), or from anything
 that calls ``apply(key, value)``. Entries removed by the bucket's TTL produce no delete
-event, so the registry also honours each session's ``expires_at`` on its own.
+event, so the registry also honours each session's ``expires_at`` on its own. A watch
+(re)started after the bus was away replays the bucket; sessions it no longer holds were
+closed meanwhile and are dropped (``retain``).
 """
 
 from __future__ import annotations
@@ -258,6 +260,14 @@ class TapRegistry:
                                                 proxy_can_match(session.filter, self.local))
         self._recompute(now)
 
+    def retain(self, keys: Iterable[str], now: float | None = None) -> None:
+        """Keep only these sessions: the bucket's whole content after a (re)watch."""
+        now = self._clock() if now is None else now
+        wanted = set(keys)
+        for key in [k for k in self._sessions if k not in wanted]:
+            del self._sessions[key]
+        self._recompute(now)
+
     def expire(self, now: float | None = None) -> None:
         now = self._clock() if now is None else now
         if now >= self._next_expiry:
@@ -330,6 +340,7 @@ class TapRegistry:
                 kv = await nc.jetstream().key_value(names.BUCKET_TAP)
                 watcher = await kv.watchall()
                 failures = 0
+                initial: set[str] | None = set()  # keys until the end-of-initial marker
                 try:
                     while not stopping.is_set():
                         try:
@@ -339,8 +350,13 @@ class TapRegistry:
                             self.expire()
                             continue
                         if entry is None:  # the end of the initial values
+                            if initial is not None:
+                                self.retain(initial)
+                                initial = None
                             continue
                         deleted = entry.operation is not None  # DEL or PURGE
+                        if initial is not None and not deleted:
+                            initial.add(entry.key)
                         self.apply(entry.key, None if deleted else entry.value)
                 finally:
                     with contextlib.suppress(Exception):
