@@ -117,13 +117,16 @@ class RouteTable:
     def __init__(self, max_routes: int = MAX_ROUTES, max_cache: int = MAX_ROUTE_CACHE) -> None:
         self.max_routes = max_routes
         self.max_cache = max_cache
-        self._cache: dict[tuple[bytes, bytes, bool], str] = {}
+        # method -> path -> label (nested: no key tuple to build per request); gRPC
+        # labels under the method b"" (a method path is never an HTTP method).
+        self._cache: dict[bytes, dict[bytes, str]] = {}
+        self._cached = 0
         self._labels: set[str] = set()
         self.overflowed = 0
 
     def label(self, method: bytes, path: bytes, grpc: bool = False) -> str:
-        key = (method, path, grpc)
-        label = self._cache.get(key)
+        paths = self._cache.get(b"" if grpc else method)
+        label = paths.get(path) if paths is not None else None
         if label is None:
             label = self._new(method, path, grpc)
         return label
@@ -143,9 +146,11 @@ class RouteTable:
                 label = f"{verb} {OTHER_ROUTE}"
             else:
                 self._labels.add(label)
-        if len(self._cache) >= self.max_cache:
+        if self._cached >= self.max_cache:
             self._cache.clear()
-        self._cache[(method, path, grpc)] = label
+            self._cached = 0
+        self._cache.setdefault(b"" if grpc else method, {})[path] = label
+        self._cached += 1
         return label
 
 
@@ -171,10 +176,12 @@ class RouteSeries:
         self.direction = direction
         self.labels = dict(labels)
         self.limit = limit
-        self._cache: dict[tuple[str, bytes | None], RequestMetrics] = {}
+        self._cache: dict[bytes | None, dict[str, RequestMetrics]] = {}  # client -> route
+        self._cached = 0
 
     def series(self, route: str, client: bytes | None) -> RequestCounter:
-        found = self._cache.get((route, client))
+        routes = self._cache.get(client)
+        found = routes.get(route) if routes is not None else None
         if found is None:
             found = self._new(route, client)
         return found
@@ -186,10 +193,12 @@ class RouteSeries:
         caller = parse_client_workload(client)
         if caller is not None:
             labels[m.SRC_NAMESPACE], labels[m.SRC_WORKLOAD] = caller
-        if len(self._cache) >= self.limit:
+        if self._cached >= self.limit:
             self._cache.clear()
-        series = self._cache[(route, client)] = self.metrics.request_metrics(
-            self.direction, labels)
+            self._cached = 0
+        series = self.metrics.request_metrics(self.direction, labels)
+        self._cache.setdefault(client, {})[route] = series
+        self._cached += 1
         return series
 
 
@@ -273,7 +282,11 @@ class ConnectionObserver:
             route = observer.routes.label(method, path, grpc)
             metrics = target.request_metrics(endpoint, route, client)
         metrics.request()
-        obs = RequestObserver(metrics, now, grpc)
+        obs = RequestObserver()
+        obs.metrics = metrics
+        obs.started = now
+        if grpc:
+            obs.grpc = True
         tap = observer.tap
         if tap.active:
             obs.tap = tap.request_start(self._info(target, endpoint, method, authority, path,
@@ -310,21 +323,29 @@ class ConnectionObserver:
 class RequestObserver:
     """One request, from the moment it is sent upstream (or answered by the proxy) to
     its end. Engines call ``response_start`` once, add body sizes to
-    ``response_bytes``, then ``response_end``, or ``fail`` at any point."""
+    ``response_bytes``, then ``response_end``, or ``fail`` at any point.
 
-    __slots__ = ("grpc", "grpc_status", "latency_ms", "metrics", "observed",
-                 "response_bytes", "started", "status", "tap")
+    Defaults live on the class (as the HTTP/1 engine's Exchange): a request writes only
+    what differs, which costs half of an ``__init__`` setting every field."""
 
-    def __init__(self, metrics: RequestCounter, started: float, grpc: bool) -> None:
-        self.metrics = metrics
-        self.started = started
-        self.grpc = grpc
-        self.tap: TapRecord | None = None
-        self.status = 0
-        self.grpc_status: int | None = None
-        self.latency_ms = 0.0
-        self.observed = False  # the metrics counted the response
-        self.response_bytes = 0
+    metrics: RequestCounter = NULL_COUNTER
+    started = 0.0  # monotonic seconds the request was sent (or answered)
+    grpc = False
+    tap: TapRecord | None = None
+    status = 0
+    grpc_status: int | None = None
+    latency_ms = 0.0
+    observed = False  # the metrics counted the response
+    response_bytes = 0
+
+    @classmethod
+    def new(cls, metrics: RequestCounter, started: float, grpc: bool = False) -> RequestObserver:
+        obs = cls()
+        obs.metrics = metrics
+        obs.started = started
+        if grpc:
+            obs.grpc = True
+        return obs
 
     def response_start(self, status: int, headers: Sequence[Header], now: float) -> None:
         """The response head (not interim 1xx) arrived at ``now`` (monotonic)."""

@@ -139,7 +139,9 @@ class BalancedTarget:
         self._direction = direction
         self._labels = {m.AUTHORITY: authority, m.DST_NAMESPACE: entry.namespace,
                         m.DST_SERVICE: entry.service, **TLS_LABELS}
-        self._series: dict[tuple[EndpointKey | None, str], RequestMetrics] = {}
+        # endpoint -> route -> series (nested: no key tuple per request)
+        self._series: dict[EndpointRef | None, dict[str, RequestMetrics]] = {}
+        self._cached = 0
         self.name = f"{entry.service}.{entry.namespace}"
 
     def pick(self, now: float, exclude: Collection[EndpointKey]) -> EndpointRef | None:
@@ -174,14 +176,16 @@ class BalancedTarget:
     def request_metrics(self, endpoint: EndpointRef | None, route: str = "",
                         client: bytes | None = None) -> RequestCounter:
         """Per endpoint and route (the caller is this proxy's own workload)."""
-        series = self._series.get((endpoint.key if endpoint is not None else None, route))
+        routes = self._series.get(endpoint)
+        series = routes.get(route) if routes is not None else None
         if series is None:
             series = self._new_series(endpoint, route)
         return series
 
     def _new_series(self, endpoint: EndpointRef | None, route: str) -> RequestMetrics:
-        if len(self._series) >= MAX_ENDPOINT_SERIES:
+        if self._cached >= MAX_ENDPOINT_SERIES:
             self._series.clear()
+            self._cached = 0
         labels = dict(self._labels)
         if route:
             labels[m.ROUTE] = route
@@ -192,7 +196,8 @@ class BalancedTarget:
             if endpoint_labels.get(LABEL_POD):
                 labels["dst_pod"] = endpoint_labels[LABEL_POD]
         series = self._metrics.request_metrics(self._direction, labels)
-        self._series[(endpoint.key if endpoint is not None else None, route)] = series
+        self._series.setdefault(endpoint, {})[route] = series
+        self._cached += 1
         return series
 
     def destination(self, endpoint: EndpointRef | None) -> Peer:
