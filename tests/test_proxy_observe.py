@@ -345,3 +345,12 @@ def test_request_observer_without_tap_or_grpc_is_lean() -> None:
     obs.response_start(204, [], 0.001)
     obs.response_end([(b"grpc-status", b"1")])  # ignored: not gRPC, nobody tapping
     assert obs.grpc_status is None and obs.observed
+
+
+def test_a_rewatch_drops_sessions_closed_while_the_bus_was_away() -> None:
+    registry, _ = _tapping()
+    registry.apply("s2", _session("s2"))
+    registry.retain(["s2"])  # the bucket's content when the watch came back
+    assert [s.id for s in registry.sessions] == ["s2"] and registry.active
+    registry.retain([])
+    assert registry.sessions == [] and not registry.active
