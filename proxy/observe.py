@@ -4,6 +4,19 @@ request (``RequestObserver``). Nothing here knows HTTP/1 from HTTP/2: an engine 
 method, authority, path and headers at the request's start, status and headers at the
 response's start, body sizes, trailers (gRPC status) at its end, or a failure.
 
+How an engine uses them (the HTTP/1 engine in http1/server.py; HTTP/2 the same way):
+
+    conn = ctx.observer.connection(transport)            # once per client connection
+    obs = conn.request(target, endpoint, method, authority, path, headers,
+                       client_workload, now, grpc=is_grpc)  # once per request, when sent
+    obs.response_start(status, headers, now)             # the final response head
+    obs.response_bytes += len(chunk)                     # per body chunk
+    obs.response_end(trailers)                           # complete (grpc-status inside)
+    obs.fail(status_or_0, reset_error)                   # instead, at any point
+
+A TLS layer sets ``conn.tls``, ``conn.client_identity`` and ``conn.client_workload``
+(``b"ns/workload"``, from the peer's verified identity) on the connection observer.
+
 Cost on the hot path, in order of what every request pays:
 - a route label from the method and path (``RouteTable``: one dict lookup when seen
   before) and its metric series (one dict lookup in the target's cache), ``request()``
