@@ -91,6 +91,8 @@ class TapSwitch(Protocol):
     @property
     def active(self) -> bool: ...
 
+    def can_emit(self, now: float | None = None) -> bool: ...
+
     def request_start(self, request: RequestInfo, body: bytes = b"",
                       now: float | None = None) -> TapRecord | None: ...
 
@@ -100,6 +102,9 @@ class TapOff:
     constant False, so the hot path reads a class attribute and nothing else."""
 
     active = False
+
+    def can_emit(self, now: float | None = None) -> bool:
+        return False
 
     def request_start(self, request: RequestInfo, body: bytes = b"",
                       now: float | None = None) -> TapRecord | None:
@@ -218,10 +223,6 @@ class RouteSeries:
 # -- the hooks ----------------------------------------------------------------------------
 
 
-def _text_headers(headers: Sequence[Header]) -> tuple[tuple[str, str], ...]:
-    return tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in headers)
-
-
 def grpc_status_of(fields: Sequence[Header]) -> int | None:
     """The ``grpc-status`` among trailers (or a trailers-only response's headers)."""
     for name, value in fields:
@@ -266,8 +267,8 @@ class ConnectionObserver:
     """One client connection: its number, what is known about the client (TLS sets
     ``tls``, ``client_identity`` and ``client_workload``), and a stream counter."""
 
-    __slots__ = ("client_identity", "client_workload", "id", "observer", "streams", "tls",
-                 "transport")
+    __slots__ = ("_source_key", "_source_peer", "client_identity", "client_workload", "id",
+                 "observer", "streams", "tls", "transport")
 
     def __init__(self, observer: Observer, conn_id: int, transport: object) -> None:
         self.observer = observer
@@ -277,6 +278,8 @@ class ConnectionObserver:
         self.tls = False
         self.client_identity = ""
         self.client_workload: bytes | None = None  # from the TLS identity, once mTLS is on
+        self._source_peer: Peer | None = None  # built on the first tapped request
+        self._source_key: bytes | None = None
 
     def request(self, target: Target | None, endpoint: EndpointRef | None, method: bytes,
                 authority: bytes, path: bytes, headers: Sequence[Header],
@@ -301,7 +304,7 @@ class ConnectionObserver:
         if grpc:
             obs.grpc = True
         tap = observer.tap
-        if tap.active:
+        if tap.active and tap.can_emit():
             obs.tap = tap.request_start(self._info(target, endpoint, method, authority, path,
                                                    headers, client))
         return obs
@@ -310,8 +313,22 @@ class ConnectionObserver:
               authority: bytes, path: bytes, headers: Sequence[Header],
               client: bytes | None) -> RequestInfo:
         observer = self.observer
-        address, port = self._client_address()
         destination = target.destination(endpoint) if target is not None else Peer()
+        return RequestInfo(
+            id=f"{self.id}:{self.streams}", direction=observer.direction,
+            method=method.decode("latin-1"), authority=authority.decode("latin-1"),
+            path=path.decode("latin-1"), scheme="http", source=self._source(client),
+            destination=destination, tls=self.tls, headers=headers)
+
+    def _source(self, client: bytes | None) -> Peer:
+        """The client as tap shows it, kept while the caller stays the same."""
+        cached = self._source_peer
+        if cached is not None and self._source_key == client:
+            return cached
+        observer = self.observer
+        get = getattr(self.transport, "get_extra_info", None)
+        peer = get("peername") if get is not None else None
+        address, port = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         if observer.direction == "outbound":
             source = observer.local_peer(address, port)
         else:
@@ -319,18 +336,8 @@ class ConnectionObserver:
             source = Peer(address=address, port=port, namespace=caller[0] if caller else "",
                           workload=caller[1] if caller else "",
                           identity=self.client_identity)
-        return RequestInfo(
-            id=f"{self.id}:{self.streams}", direction=observer.direction,
-            method=method.decode("latin-1"), authority=authority.decode("latin-1"),
-            path=path.decode("latin-1"), scheme="http", source=source,
-            destination=destination, tls=self.tls, headers=_text_headers(headers))
-
-    def _client_address(self) -> tuple[str, int]:
-        get = getattr(self.transport, "get_extra_info", None)
-        peer = get("peername") if get is not None else None
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            return str(peer[0]), int(peer[1])
-        return "", 0
+        self._source_peer, self._source_key = source, client
+        return source
 
 
 class RequestObserver:
@@ -373,7 +380,7 @@ class RequestObserver:
                 self._observe_grpc(now)
         tap = self.tap
         if tap is not None:
-            tap.response_start(status, _text_headers(headers), now)
+            tap.response_start(status, headers, now)
 
     def response_end(self, trailers: Sequence[Header] = (), now: float | None = None) -> None:
         """The response is complete; ``trailers`` may carry a grpc-status."""
