@@ -201,7 +201,9 @@ def shoal_proxy_argv(args: ShoalProxyArgs) -> list[str]:
             "--admin-port", str(args.admin_port),
             "--app-port", str(args.app_port),
             "--namespace", SHOAL_NAMESPACE,
-            "--service", args.service]
+            "--service", args.service,
+            # static endpoints only: a stale local bus file must not make it wait for a bus
+            "--no-bus"]
     for local, authority, port in args.upstreams:
         argv += ["--upstream", f"{local}={authority}:{port}"]
     for authority, address, port in args.static_endpoints:
