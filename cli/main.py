@@ -89,6 +89,32 @@ from . import identity as _identity  # noqa: E402  (registers `shoal identity`)
 
 app.add_typer(_identity.app, name="identity")
 
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str], typer.Argument(help="the application and its arguments")],
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="the app's namespace")],
+    service: Annotated[str, typer.Option(help="the service the app serves")],
+    port: Annotated[int, typer.Option(help="the port the app listens on (inbound target)")],
+    workload: Annotated[str, typer.Option(help="workload name (default: the service)")] = "",
+    pod: Annotated[str, typer.Option(help="pod name (default: <workload>-<random>)")] = "",
+    outbound_port: Annotated[int, typer.Option(help="0: a free port")] = 0,
+    inbound_port: Annotated[int, typer.Option(help="0: a free port")] = 0,
+    admin_port: Annotated[int, typer.Option(help="0: a free port")] = 0,
+    upstream: Annotated[list[str] | None, typer.Option(
+        help="LOCALPORT=service.namespace[:PORT] for opaque TCP, repeatable")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Run COMMAND meshed: a sidecar proxy first, the app once the proxy is ready, and
+    the app's exit status as ours. Put `--` before COMMAND."""
+    from .run import RunSpec, run_command
+
+    spec = RunSpec(namespace=namespace, service=service, port=port, command=command,
+                   workload=workload, pod=pod, outbound_port=outbound_port,
+                   inbound_port=inbound_port, admin_port=admin_port,
+                   upstreams=tuple(upstream or ()), state_dir=state_dir)
+    raise typer.Exit(run_command(spec))
+
+
 from . import viz as _viz  # noqa: E402  (registers `shoal viz`)
 
 app.add_typer(_viz.app, name="viz")
