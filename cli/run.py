@@ -39,8 +39,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RunSpec:
     namespace: str
     service: str
-    port: int  # the app's port: the inbound proxy forwards to it
     command: list[str]
+    port: int = 0  # the app's port: the inbound proxy forwards to it (0: none)
     workload: str = ""
     pod: str = ""
     outbound_port: int = 0  # 0: a free port
@@ -69,7 +69,9 @@ def proxy_argv(spec: RunSpec, ports: Ports, pod: str) -> list[str]:
             "--namespace", spec.namespace, "--service", spec.service,
             "--workload", workload, "--pod", pod,
             "--outbound-port", str(ports.outbound), "--inbound-port", str(ports.inbound),
-            "--admin-port", str(ports.admin), "--app-port", str(spec.port)]
+            "--admin-port", str(ports.admin)]
+    if spec.port:
+        argv += ["--app-port", str(spec.port)]
     for upstream in spec.upstreams:
         argv += ["--upstream", upstream]
     return argv + list(spec.proxy_args)
