@@ -37,7 +37,8 @@ class Workload:
     port: int = 0  # 0: a free port
 
 
-def workloads(web_port: int, voting_replicas: int) -> list[Workload]:
+def workloads(web_port: int, voting_replicas: int,
+              bot_rate: float = BOT_RATE) -> list[Workload]:
     emoji = f"emoji.{NAMESPACE}:{SERVICE_PORT}"
     voting = f"voting.{NAMESPACE}:{SERVICE_PORT}"
     web = f"web.{NAMESPACE}:{SERVICE_PORT}"
@@ -46,7 +47,7 @@ def workloads(web_port: int, voting_replicas: int) -> list[Workload]:
     out.append(Workload("web", "web", ["shoal.demo.web", "--emoji-addr", emoji,
                                        "--voting-addr", voting], port=web_port))
     out.append(Workload("vote-bot", "", ["shoal.demo.vote_bot", "--web", web,
-                                         "--rate", f"{BOT_RATE:g}"]))
+                                         "--rate", f"{bot_rate:g}"]))
     return out
 
 
@@ -94,7 +95,8 @@ async def _wait_http(port: int, timeout: float, children: list[Child]) -> bool:
 
 
 async def run_demo(state_dir: Path, console: Console, nats_port: int, web_port: int,
-                   dashboard_port: int, voting_replicas: int) -> int:
+                   dashboard_port: int, voting_replicas: int,
+                   bot_rate: float = BOT_RATE) -> int:
     if not _port_free(web_port):
         console.print(f"[red]error:[/] port {web_port} is taken; choose another with "
                       "--web-port")
@@ -106,7 +108,7 @@ async def run_demo(state_dir: Path, console: Console, nats_port: int, web_port: 
             return 1
         started: list[Child] = []
         counts: dict[str, int] = {}
-        for workload in workloads(web_port, voting_replicas):
+        for workload in workloads(web_port, voting_replicas, bot_rate):
             counts[workload.name] = counts.get(workload.name, 0) + 1
             pod = f"{workload.name}-{counts[workload.name]}"
             argv, _ = run_argv(workload, state_dir, pod)

@@ -61,6 +61,8 @@ def demo(
     web_port: Annotated[int, typer.Option(help="the demo app's port")] = 8080,
     dashboard_port: Annotated[int, typer.Option(help="the dashboard's port")] = 8084,
     voting_replicas: Annotated[int, typer.Option(min=1, max=8)] = 2,
+    bot_rate: Annotated[float, typer.Option(min=0.1, max=100,
+                                            help="vote-bot rounds per second")] = 1.0,
     unmeshed: Annotated[bool, typer.Option(
         "--unmeshed", help="run the demo app without Shoal, to compare")] = False,
 ) -> None:
@@ -74,7 +76,7 @@ def demo(
     from .demo import run_demo
 
     status = asyncio.run(run_demo(state_dir or default_state_dir(), console(), nats_port,
-                                  web_port, dashboard_port, voting_replicas))
+                                  web_port, dashboard_port, voting_replicas, bot_rate))
     raise typer.Exit(status)
 
 
