@@ -42,18 +42,22 @@ def _env(state: Path) -> dict[str, str]:
     return env
 
 
+def _start_demo(state: Path, web_port: int, dashboard_port: int) -> subprocess.Popen[bytes]:
+    with open(state / "demo.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shoal.cli", "demo", "--state-dir", str(state),
+             "--web-port", str(web_port), "--dashboard-port", str(dashboard_port),
+             "--bot-rate", str(BOT_RATE)],
+            cwd=REPO, env=_env(state), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="module")
 async def demo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[str, object]]:
     state = tmp_path_factory.mktemp("demo")
     web_port, dashboard_port = free_ports(2)
     log_path = state / "demo.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal.cli", "demo", "--state-dir", str(state),
-         "--web-port", str(web_port), "--dashboard-port", str(dashboard_port),
-         "--bot-rate", str(BOT_RATE)],
-        cwd=REPO, env=_env(state), stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL)
+    proc = _start_demo(state, web_port, dashboard_port)
     try:
         async with asyncio.timeout(UP_TIMEOUT_SECONDS):
             while b"(meshed) at" not in log_path.read_bytes():
@@ -67,7 +71,6 @@ async def demo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[s
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-        log.close()
         assert code == 0, log_path.read_text(errors="replace")[-5000:]
 
 
