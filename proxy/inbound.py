@@ -6,14 +6,18 @@ NATS or MySQL, is seen at once) -> forward: HTTP/1 through the engine to the app
 Authorization policy joins this path with the policy issue.
 
 Mutual TLS: detection recognises a TLS ClientHello first, on every port (a meshed peer
-always opens with one). When its SNI is this proxy's identity the proxy terminates it
-with the identity's server context (a client certificate from the mesh is required),
-records the client's identity (the ``client_id`` label, and later policy), and the
-ALPN protocol the client offered says what follows: ``shoal.http1`` -> the HTTP/1
-engine, ``shoal.opaque`` -> relayed to the app, ``h2`` -> HTTP/2; none -> detection on
-the decrypted bytes. Any other TLS (another SNI, or this proxy runs without identity)
-is the application's own and is relayed untouched, as are plaintext clients: a
-non-meshed client still reaches the app (until policy says otherwise).
+always opens with one). When its SNI is an identity name of this mesh (this proxy's own,
+normally) the proxy terminates it with the identity's server context (a client
+certificate from the mesh is required), records the client's identity (the
+``client_id`` label, and later policy), and the ALPN protocol the client offered says
+what follows: ``shoal.http1`` -> the HTTP/1 engine, ``shoal.opaque`` -> relayed to the
+app, ``h2`` -> HTTP/2; none -> detection on the decrypted bytes. A client proxy that
+expected another identity here (stale discovery, a misrouted address) gets this proxy's
+certificate and refuses it itself, loudly (502 with the reason), rather than having
+its TLS relayed to an app that cannot read it. Any other TLS (an SNI outside the mesh,
+or this proxy runs without identity) is the application's own and is relayed
+untouched, as are plaintext clients: a non-meshed client still reaches the app (until
+policy says otherwise).
 
 The app port is one fixed endpoint: no balancing, Linkerd's inbound connect timeout
 (100 ms, the app is local). A port listed as opaque skips HTTP detection.
@@ -25,6 +29,8 @@ import asyncio
 import logging
 import socket
 import ssl
+
+from shoal.kernel import pki
 
 from . import tls
 from .accept import classify, connect_tcp
@@ -71,6 +77,7 @@ class Inbound:
         self.config = config
         self.runtime = runtime
         self.identity = identity
+        self.mesh_suffix = mesh_suffix(identity.identity) if identity is not None else ""
         self.host = config.app_host
         self.port = config.app_port
         self.target_addr = f"{self.host}:{self.port}"
@@ -108,6 +115,13 @@ class Inbound:
             peer = self._clients[identity] = _Peer(self, tls.client_id_labels(identity))
         return peer
 
+    def terminates(self, server_name: str | None) -> bool:
+        """Is TLS with this SNI for this proxy to terminate (see the module docstring)?"""
+        if self.identity is None or not server_name:
+            return False
+        return server_name == self.identity.identity or server_name.endswith(
+            self.mesh_suffix)
+
     async def connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()
         return await connect_tcp(loop, self.host, self.port, self.config.inbound.connect_timeout)
@@ -124,8 +138,7 @@ class Inbound:
             if read is None:
                 return
             initial, hello = read
-            if (hello is not None and self.identity is not None
-                    and hello.server_name == self.identity.identity):
+            if hello is not None and self.terminates(hello.server_name):
                 await self._terminate(client, initial, result.upstream)
                 return
             self.tls_passthrough += 1
@@ -244,6 +257,14 @@ class Inbound:
             app.close()
             relay.finish(error=True)
         await relay.wait()
+
+
+def mesh_suffix(identity: str) -> str:
+    """``.serviceaccount.identity.<cp-ns>.<trust-domain>`` of an identity name: what
+    every identity of the same mesh ends with."""
+    marker = f".{pki.IDENTITY_LABEL}.identity."
+    at = identity.rfind(marker)
+    return identity[at:] if at > 0 else f".{identity}"
 
 
 class _Sniff(asyncio.Protocol):

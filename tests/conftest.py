@@ -69,3 +69,13 @@ async def operator(bus: Bus, buckets: None) -> AsyncIterator[Client]:
 
 def python() -> str:
     return sys.executable
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[pytest.TestReport]:
+    """Keep each phase's report on the test item (``item.rep_call``), so fixtures can
+    show the logs of child processes when a test failed."""
+    report: pytest.TestReport = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
