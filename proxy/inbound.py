@@ -87,9 +87,12 @@ class Inbound:
             max_head_bytes=config.http1.max_response_head_bytes,
             tcp=runtime.metrics.tcp_metrics("inbound", {"peer": "dst",
                                                         "target_addr": self.target_addr}))
-        self.plain = _Peer(self, tls.TLS_NO_TLS_FROM_REMOTE if identity is not None
-                           else tls.TLS_DISABLED)
-        self.passthrough = _Peer(self, tls.TLS_PASSTHROUGH)
+        # Series are made when the first connection of their kind comes (no zeros for
+        # kinds that never happen): plaintext clients, the app's own TLS, mesh clients.
+        self._plain_labels = (tls.TLS_NO_TLS_FROM_REMOTE if identity is not None
+                              else tls.TLS_DISABLED)
+        self._plain: _Peer | None = None
+        self._passthrough: _Peer | None = None
         self._clients: dict[str, _Peer] = {}
         # For tests and operators: what became of TLS connections.
         self.tls_terminated = 0
@@ -97,6 +100,18 @@ class Inbound:
         self.tls_failures = 0
         self.opaque = self.port in config.opaque_ports
         self.unreachable = 0  # opaque connections dropped because the app was down
+
+    @property
+    def plain(self) -> _Peer:
+        if self._plain is None:
+            self._plain = _Peer(self, self._plain_labels)
+        return self._plain
+
+    @property
+    def passthrough(self) -> _Peer:
+        if self._passthrough is None:
+            self._passthrough = _Peer(self, tls.TLS_PASSTHROUGH)
+        return self._passthrough
 
     # Kept for callers that look at the plaintext path's objects.
     @property
@@ -131,7 +146,6 @@ class Inbound:
         result = await classify(loop, client, opaque=self.opaque,
                                 connect_upstream=self.connect,
                                 timeout=self.config.detect_timeout, tls=True)
-        peer = self.plain
         initial = result.client_data
         if result.protocol == "tls":
             read = await self._client_hello(client, initial, result.upstream)
@@ -145,14 +159,16 @@ class Inbound:
             peer = self.passthrough  # the app's own TLS: relayed as it is
         elif result.protocol == "http1":
             if result.upstream is not None:
-                await adopt(self.pool, self.target.endpoint.key, result.upstream)
-            await serve_http1(client, peer.ctx, initial)
+                await adopt(self.pool, (self.host, self.port), result.upstream)
+            await serve_http1(client, self.plain.ctx, initial)
             return
         elif result.protocol == "http2":
             if result.upstream is not None:
                 result.upstream.close()
             await refuse_http2(client)
             return
+        else:
+            peer = self.plain
         upstream = result.upstream
         if upstream is None:
             self.unreachable += 1

@@ -271,8 +271,8 @@ async def test_traffic_between_proxies_is_tls_with_alpn(mesh: Mesh) -> None:
     # Every connection between the proxies opened with a TLS ClientHello for the web
     # proxy's identity offering the HTTP/1 transport (pooled: the test's request may
     # travel on a connection opened earlier) ...
-    for up in mesh.spy.upstream:
-        hello = tls.parse_client_hello(bytes(up))
+    for record in mesh.spy.upstream:
+        hello = tls.parse_client_hello(bytes(record))
         assert hello == tls.ClientHello(server_name=identity("web"), alpn=(tls.ALPN_HTTP1,))
     # ... and nothing readable either way: no request line, body, header or answer.
     wire = b"".join(bytes(r) for r in (*mesh.spy.upstream, *mesh.spy.downstream))
@@ -284,10 +284,11 @@ async def test_traffic_between_proxies_is_tls_with_alpn(mesh: Mesh) -> None:
     async with asyncio.timeout(IO_TIMEOUT_SECONDS):
         echoed = await _opaque_echo(mesh.spyecho_port, payload)
     assert echoed == payload
-    up = bytes(mesh.echo_spy.upstream[-1])
-    assert tls.parse_client_hello(up) == tls.ClientHello(
+    opaque_up = bytes(mesh.echo_spy.upstream[-1])
+    assert tls.parse_client_hello(opaque_up) == tls.ClientHello(
         server_name=identity("echo"), alpn=(tls.ALPN_OPAQUE,))
-    assert b"opaque-secret" not in up and b"opaque-secret" not in mesh.echo_spy.downstream[-1]
+    assert b"opaque-secret" not in opaque_up
+    assert b"opaque-secret" not in mesh.echo_spy.downstream[-1]
 
 
 async def test_server_identity_mismatch_is_refused_with_502(mesh: Mesh, show_logs: None
@@ -352,12 +353,12 @@ async def test_metrics_have_tls_labels_and_identity_metrics(mesh: Mesh) -> None:
     expiry = _sample(out, "identity_cert_expiration_timestamp_seconds")
     assert time.time() < expiry < time.time() + 30  # a 6 s leaf
     inbound = await asyncio.to_thread(mesh.web_proxy.metrics)
-    client = f'client_id="{identity("client")}"'
-    assert any("request_total{" in line and client in line and 'direction="inbound"' in line
+    client_id = f'client_id="{identity("client")}"'
+    assert any("request_total{" in line and client_id in line and 'direction="inbound"' in line
                and 'tls="true"' in line for line in inbound.splitlines()), inbound
     echo = await asyncio.to_thread(mesh.echo_proxy.metrics)
     assert any(line.startswith("tcp_open_total{") and 'protocol="opaque"' in line
-               and client in line for line in echo.splitlines()), echo
+               and client_id in line for line in echo.splitlines()), echo
 
 
 def _sample(text: str, name: str) -> float:
