@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import httptools
 
 from ..errors import (
+    EndpointConnectError,
     HeadersTooLarge,
     MalformedRequest,
     NoEndpoints,
@@ -45,8 +46,6 @@ from ..errors import (
     RequestHeadTimeout,
     RequestTargetTooLong,
     ResponseTimeout,
-    UpstreamConnectTimeout,
-    UpstreamRefused,
     UpstreamReset,
     render,
 )
@@ -458,7 +457,7 @@ class ServerProtocol(asyncio.Protocol):
             self._fail(ex, error)
             return
         if endpoint is not None:
-            conn = target.pool.take(endpoint.key)
+            conn = target.pool.take(endpoint.key, endpoint.identity)
             if conn is not None:
                 self._attach(ex, conn, endpoint, now)
                 return
@@ -466,8 +465,9 @@ class ServerProtocol(asyncio.Protocol):
 
     async def _dispatch(self, ex: Exchange, target: Target, endpoint: EndpointRef | None,
                         fresh: bool) -> None:
-        """The slow path: wait for an endpoint (fail-fast bound), connect (timeout),
-        and on a connection error try another endpoint, as nothing has been sent yet."""
+        """The slow path: wait for an endpoint (fail-fast bound), connect (timeout; TLS
+        to meshed endpoints), and on a connection error, a refused handshake or a peer
+        that is not who discovery said, try another endpoint: nothing has been sent."""
         exclude: list[EndpointKey] = []
         last_error: ProxyError | None = None
         try:
@@ -476,11 +476,12 @@ class ServerProtocol(asyncio.Protocol):
                     if last_error is not None:
                         raise last_error
                     endpoint = await target.wait_pick(exclude)
-                conn = None if fresh else target.pool.take(endpoint.key)
+                conn = None if fresh else target.pool.take(endpoint.key, endpoint.identity)
                 if conn is None:
                     try:
-                        conn = await target.pool.connect(endpoint.key, target.connect_timeout)
-                    except (UpstreamRefused, UpstreamConnectTimeout) as error:
+                        conn = await target.pool.connect(endpoint.key, target.connect_timeout,
+                                                         endpoint.identity)
+                    except EndpointConnectError as error:
                         now = monotonic()
                         target.on_connect_error(endpoint, now)
                         exclude.append(endpoint.key)
