@@ -2,7 +2,9 @@
 
 Path: accept -> detect (connecting to the app in parallel, so a server that speaks first,
 NATS or MySQL, is seen at once) -> forward: HTTP/1 through the engine to the app port
-(the connection detection opened is put into the pool), opaque bytes relayed as they are.
+(the connection detection opened is put into the pool), HTTP/2 through the HTTP/2 engine
+to the app over h2c (the connection detection opened becomes the first pooled HTTP/2
+connection), opaque bytes relayed as they are.
 Authorization policy joins this path with the policy issue.
 
 The app port is one fixed endpoint: no balancing, Linkerd's inbound connect timeout
@@ -19,7 +21,9 @@ from .accept import classify, connect_tcp
 from .config import ProxyConfig
 from .http1.client import Pool
 from .http1.server import ServerContext
-from .listen import adopt, refuse_http2, serve_http1
+from .http2.client import H2Pool
+from .http2.server import FixedH2Router, H2Context, serve_http2
+from .listen import adopt, serve_http1
 from .opaque import forward_opaque
 from .route import TLS_LABELS, FixedRouter, FixedTarget
 from .runtime import Runtime
@@ -28,7 +32,7 @@ log = logging.getLogger("shoal.proxy.inbound")
 
 
 class Inbound:
-    def __init__(self, config: ProxyConfig, runtime: Runtime) -> None:
+    def __init__(self, config: ProxyConfig, runtime: Runtime, h2pool: H2Pool) -> None:
         assert config.app_port is not None
         self.config = config
         self.host = config.app_host
@@ -44,10 +48,13 @@ class Inbound:
         self.target = FixedTarget(
             self.host, self.port, self.pool, metrics.request_metrics("inbound", labels),
             config.inbound.connect_timeout)
+        tcp = metrics.tcp_metrics("inbound", {"peer": "src", **labels})
         self.ctx = ServerContext(
-            router=FixedRouter(self.target), settings=config.http1,
-            tcp=metrics.tcp_metrics("inbound", {"peer": "src", **labels}),
+            router=FixedRouter(self.target), settings=config.http1, tcp=tcp,
             connections=runtime.connections)
+        self.h2pool = h2pool
+        self.h2ctx = H2Context(router=FixedH2Router(self.target), pool=h2pool,
+                               http1=config.http1, tcp=tcp, connections=runtime.connections)
         self.opaque_tcp = metrics.tcp_metrics("inbound", {"peer": "src", "protocol": "opaque",
                                                           **labels})
         self.opaque = self.port in config.opaque_ports
@@ -69,8 +76,8 @@ class Inbound:
             return
         if result.protocol == "http2":
             if result.upstream is not None:
-                result.upstream.close()
-            await refuse_http2(client)
+                await self.h2pool.adopt(self.target.endpoint.key, result.upstream)
+            await serve_http2(client, self.h2ctx, result.client_data)
             return
         if result.upstream is None:
             self.unreachable += 1
