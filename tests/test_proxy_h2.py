@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import h2.config
@@ -241,9 +240,9 @@ def _raw_h2(port: int, headers: list[tuple[str, str]], body: bytes,
             assert data, "connection closed before the stream ended"
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
-                    response = dict(event.headers)
+                    response = {str(k): str(v) for k, v in event.headers}
                 elif isinstance(event, h2.events.TrailersReceived):
-                    trailers = dict(event.headers)
+                    trailers = {str(k): str(v) for k, v in event.headers}
                 elif isinstance(event, h2.events.DataReceived):
                     conn.acknowledge_received_data(event.flow_controlled_length, 1)
                 elif isinstance(event, h2.events.StreamReset):
@@ -279,7 +278,7 @@ def test_proxy_enforces_grpc_timeout_itself(mesh: Mesh) -> None:
 
 
 def test_unknown_service_is_unavailable(mesh: Mesh) -> None:
-    response, trailers, _ = _raw_h2(
+    response, _, _ = _raw_h2(
         mesh.out.outbound_port, _grpc_headers("Unary", f"nope.{NS}", None),
         b"\x00\x00\x00\x00\x00")
     assert response[":status"] == "200"

@@ -99,6 +99,9 @@ class Router(Protocol):
 class LiveConnection(Protocol):
     """A client connection of any protocol engine (this one's, or HTTP/2's)."""
 
+    closing: bool
+    transport: asyncio.Transport
+
     def sweep(self, now: float) -> None: ...
 
     def drain(self) -> None: ...
