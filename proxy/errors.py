@@ -8,8 +8,9 @@ Nothing else in the proxy writes an error response.
 
 Statuses (docs/proxy.md, "Errors"): malformed request 400, request target too long 414,
 headers over the limit 431, request head too slow 408, unknown service 503, no endpoints
-after fail-fast 503, upstream refused or reset 502, upstream connect or response timeout
-504.
+after fail-fast 503, no certificate yet 503, upstream refused or reset 502, the
+endpoint's certificate not for the identity discovery named 502, TLS handshake failed
+502, upstream connect or response timeout 504.
 """
 
 from __future__ import annotations
@@ -82,10 +83,35 @@ class NoEndpoints(ProxyError):
     status, reason = 503, b"Service Unavailable"
 
 
-class UpstreamRefused(ProxyError):
+class EndpointConnectError(ProxyError):
+    """Connecting to an endpoint failed before any request byte was sent, so the request
+    may go to another endpoint (the balancer counts a failure against this one)."""
+
+
+class UpstreamRefused(EndpointConnectError):
     """Connecting to the endpoint failed (refused, unreachable)."""
 
     status, reason = 502, b"Bad Gateway"
+
+
+class UpstreamIdentityMismatch(EndpointConnectError):
+    """The endpoint's certificate does not carry the identity discovery said it has (or
+    does not chain to the trust anchors): nothing was sent to it."""
+
+    status, reason = 502, b"Bad Gateway"
+
+
+class UpstreamTlsFailed(EndpointConnectError):
+    """The TLS handshake with the endpoint's proxy failed for another reason."""
+
+    status, reason = 502, b"Bad Gateway"
+
+
+class IdentityUnavailable(ProxyError):
+    """This proxy has no certificate yet, so it cannot open mutual TLS to a meshed
+    endpoint (it is not ready either: /ready says so)."""
+
+    status, reason = 503, b"Service Unavailable"
 
 
 class UpstreamReset(ProxyError):
@@ -100,7 +126,7 @@ class UpstreamMalformed(ProxyError):
     status, reason = 502, b"Bad Gateway"
 
 
-class UpstreamConnectTimeout(ProxyError):
+class UpstreamConnectTimeout(EndpointConnectError):
     status, reason = 504, b"Gateway Timeout"
 
 

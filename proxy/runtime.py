@@ -4,8 +4,9 @@ registrar, the connection set, the tasks handling accepted connections, and the
 readiness and drain state that admin reports.
 
 Readiness (``/ready``) means "has its configuration": the listeners are bound and, when a
-bus is configured, the bus was reached at least once (discovery can answer) and, in local
-mode, the first registration heartbeat went out. After that the proxy stays ready when
+bus is configured, the bus was reached at least once (discovery can answer), with
+identity the proxy holds a certificate and trust anchors, and, in local mode, the first
+registration heartbeat went out. After that the proxy stays ready when
 the bus goes away, because it keeps serving from what it last knew (fail static). It is
 not ready again once draining has begun. Without a bus (static endpoints only) it is
 ready as soon as it listens.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from .buslink import BusLink
 from .discover import Discovery
 from .http1.server import Connections
+from .identity import IdentityClient
 from .metrics import ProxyMetrics
 from .register import Registrar
 
@@ -29,6 +31,7 @@ class Runtime:
     link: BusLink | None = None
     discovery: Discovery | None = None
     registrar: Registrar | None = None
+    identity: IdentityClient | None = None
     connections: Connections = field(default_factory=Connections)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     listening: bool = False
@@ -53,6 +56,10 @@ class Runtime:
             return False, "listeners not bound yet"
         if self.link is not None and self.link.connects == 0:
             return False, "bus not reached yet"
+        identity = self.identity
+        if identity is not None and not identity.ready:
+            why = identity.last_error or "waiting for the identity service"
+            return False, f"no certificate yet ({why})"
         if self.registrar is not None and self.registrar.sent == 0:
             return False, "not registered yet"
         return True, ""

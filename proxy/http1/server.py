@@ -40,6 +40,7 @@ import httptools
 
 from ..detect import HTTP2_PREFACE
 from ..errors import (
+    EndpointConnectError,
     HeadersTooLarge,
     MalformedRequest,
     NoEndpoints,
@@ -47,8 +48,6 @@ from ..errors import (
     RequestHeadTimeout,
     RequestTargetTooLong,
     ResponseTimeout,
-    UpstreamConnectTimeout,
-    UpstreamRefused,
     UpstreamReset,
     render,
 )
@@ -109,8 +108,8 @@ class LiveConnection(Protocol):
     def abort(self) -> None: ...
 
 
-TunnelH2 = Callable[[asyncio.Transport, bytes, Target, asyncio.Transport, EndpointKey, bytes],
-                   None]
+TunnelH2 = Callable[[asyncio.Transport, bytes, Target, asyncio.Transport | None, EndpointKey,
+                    bytes], None]
 
 
 class Connections:
@@ -495,7 +494,7 @@ class ServerProtocol(asyncio.Protocol):
             self._fail(ex, error)
             return
         if endpoint is not None:
-            conn = target.pool.take(endpoint.key)
+            conn = target.pool.take(endpoint.key, endpoint.identity)
             if conn is not None:
                 self._attach(ex, conn, endpoint, now)
                 return
@@ -503,8 +502,9 @@ class ServerProtocol(asyncio.Protocol):
 
     async def _dispatch(self, ex: Exchange, target: Target, endpoint: EndpointRef | None,
                         fresh: bool) -> None:
-        """The slow path: wait for an endpoint (fail-fast bound), connect (timeout),
-        and on a connection error try another endpoint, as nothing has been sent yet."""
+        """The slow path: wait for an endpoint (fail-fast bound), connect (timeout; TLS
+        to meshed endpoints), and on a connection error, a refused handshake or a peer
+        that is not who discovery said, try another endpoint: nothing has been sent."""
         exclude: list[EndpointKey] = []
         last_error: ProxyError | None = None
         try:
@@ -513,11 +513,12 @@ class ServerProtocol(asyncio.Protocol):
                     if last_error is not None:
                         raise last_error
                     endpoint = await target.wait_pick(exclude)
-                conn = None if fresh else target.pool.take(endpoint.key)
+                conn = None if fresh else target.pool.take(endpoint.key, endpoint.identity)
                 if conn is None:
                     try:
-                        conn = await target.pool.connect(endpoint.key, target.connect_timeout)
-                    except (UpstreamRefused, UpstreamConnectTimeout) as error:
+                        conn = await target.pool.connect(endpoint.key, target.connect_timeout,
+                                                         endpoint.identity)
+                    except EndpointConnectError as error:
                         now = monotonic()
                         target.on_connect_error(endpoint, now)
                         exclude.append(endpoint.key)
@@ -744,7 +745,11 @@ class ServerProtocol(asyncio.Protocol):
         self.ctx.connections.live.discard(self)
         peer.detach()
         self.gate.resume(self.gate.reasons)
-        hook(self.transport, bytes(sniffed), target, peer.transport, peer.key, held)
+        upstream: asyncio.Transport | None = peer.transport
+        if peer.identity:  # TLS made for HTTP/1 (ALPN shoal.http1): of no use to HTTP/2
+            peer.transport.abort()
+            upstream = None
+        hook(self.transport, bytes(sniffed), target, upstream, peer.key, held)
 
     def _end_sniff(self) -> None:
         sniffed = self.sniffing

@@ -9,8 +9,11 @@ EndpointBusy, 503). A connection leaves the pool when its peer sends GOAWAY (the
 streams it accepted finish, the ones above its last id are sent again elsewhere), when
 its stream ids run out, or after ``pool_idle_timeout`` without streams.
 
-How a connection is opened is the ``opener``'s business (plain TCP here; mutual TLS with
-ALPN ``h2`` plugs in there), so the pool never looks at the transport.
+Endpoints with an identity (meshed: their proxy has a certificate) are reached over
+mutual TLS with ALPN ``h2`` when the pool has TLS (``tls_client``), the peer checked to
+be exactly the identity discovery gave (http1.client.handshake_errors); connections are
+kept per (endpoint, identity), so a changed identity never reuses an old connection.
+Others get h2c with prior knowledge over plain TCP.
 """
 
 from __future__ import annotations
@@ -18,13 +21,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from time import monotonic
 from typing import Final
 
+from .. import tls
+from ..accept import connect_tcp
 from ..config import Http2Settings
-from ..errors import EndpointBusy, UpstreamConnectTimeout, UpstreamRefused, UpstreamReset
+from ..errors import (
+    EndpointBusy,
+    IdentityUnavailable,
+    UpstreamConnectTimeout,
+    UpstreamRefused,
+    UpstreamReset,
+    UpstreamTlsFailed,
+)
+from ..http1.client import handshake_errors
+from ..identity import IdentityError
 from ..route import EndpointKey, NullTcpCounter, TcpCounter
 from .codec import (
     NO_ERROR,
@@ -46,9 +60,9 @@ log = logging.getLogger("shoal.proxy.http2")
 # Connects to one endpoint attempted per request while connections are opening and
 # filling up at once (each attempt is bounded by the connect timeout).
 MAX_GET_ROUNDS: Final = 4
+H2_ALPN: Final = (tls.ALPN_HTTP2,)
 
-Opener = Callable[[EndpointKey, Callable[[], "ClientConnection"], float],
-                  Awaitable[tuple[asyncio.BaseTransport, "ClientConnection"]]]
+PoolKey = tuple[EndpointKey, str]  # the endpoint and the identity its proxy proved
 
 
 def codec_settings(settings: Http2Settings) -> CodecSettings:
@@ -59,32 +73,13 @@ def codec_settings(settings: Http2Settings) -> CodecSettings:
         max_header_list_size=settings.max_header_list_size)
 
 
-async def open_tcp(key: EndpointKey, factory: Callable[[], ClientConnection],
-                   timeout: float) -> tuple[asyncio.BaseTransport, ClientConnection]:
-    """The default opener: h2c with prior knowledge over plain TCP."""
-    loop = asyncio.get_running_loop()
-    host, port = key
-    try:
-        async with asyncio.timeout(timeout):
-            transport, protocol = await loop.create_connection(factory, host, port)
-    except TimeoutError:
-        raise UpstreamConnectTimeout(
-            f"connecting to {host}:{port} timed out after {timeout:g}s") from None
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise UpstreamRefused(f"connecting to {host}:{port} failed: {reason}") from None
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return transport, protocol
-
-
 class ClientConnection(H2Conn):
     def __init__(self, pool: H2Pool, key: EndpointKey, initial: bytes = b"",
-                 adopted: bool = False) -> None:
-        super().__init__(pool.flusher, pool.tcp)
+                 adopted: bool = False, identity: str = "") -> None:
+        super().__init__(pool.flusher, pool.counter(identity))
         self.pool = pool
         self.key = key
+        self.identity = identity  # the peer proved it over TLS ("": plaintext)
         self.initial = initial
         self.adopted = adopted  # taken over from the HTTP/1 engine (its open is counted)
         self.retired = False  # takes no new streams (GOAWAY, ids exhausted, closing)
@@ -211,55 +206,116 @@ class H2Pool:
     """The upstream HTTP/2 connections of one direction; see the module docstring."""
 
     def __init__(self, settings: Http2Settings, flusher: Flusher,
-                 tcp: TcpCounter | None = None, opener: Opener = open_tcp) -> None:
+                 tcp: TcpCounter | None = None, tls_client: tls.ClientTls | None = None,
+                 tls_tcp: Callable[[str], TcpCounter] | None = None,
+                 handshake_timeout: float = tls.TLS_HANDSHAKE_TIMEOUT_SECONDS) -> None:
         self.settings = settings
         self.codec_settings = codec_settings(settings)
         self.flusher = flusher
         self.tcp: TcpCounter = tcp or NullTcpCounter()
-        self.opener = opener
-        self._conns: dict[EndpointKey, list[ClientConnection]] = {}
-        self._connecting: dict[EndpointKey, asyncio.Task[ClientConnection]] = {}
+        self.tls = tls_client
+        self.tls_tcp = tls_tcp
+        self.handshake_timeout = handshake_timeout
+        self._conns: dict[PoolKey, list[ClientConnection]] = {}
+        self._connecting: dict[PoolKey, asyncio.Task[ClientConnection]] = {}
         self.open = 0  # live connections (for tests and the admin page)
         self.created = 0
+        self.handshakes = 0
 
-    def ready(self, key: EndpointKey) -> ClientConnection | None:
-        conns = self._conns.get(key)
+    def counter(self, identity: str) -> TcpCounter:
+        if identity and self.tls is not None and self.tls_tcp is not None:
+            return self.tls_tcp(identity)
+        return self.tcp
+
+    def ready(self, key: EndpointKey, identity: str = "") -> ClientConnection | None:
+        conns = self._conns.get((key, identity if self.tls is not None else ""))
         if conns:
             for conn in conns:
                 if conn.has_capacity:
                     return conn
         return None
 
-    def count(self, key: EndpointKey) -> int:
-        return len(self._conns.get(key, ()))
+    def count(self, key: EndpointKey, identity: str = "") -> int:
+        return len(self._conns.get((key, identity), ()))
 
-    async def get(self, key: EndpointKey, timeout: float) -> ClientConnection:
-        """A connection to ``key`` with a free stream, opening one if needed."""
+    async def get(self, key: EndpointKey, timeout: float,
+                  identity: str = "") -> ClientConnection:
+        """A connection to ``key`` with a free stream, opening one if needed (TLS to a
+        meshed endpoint); the errors of http1.client.Pool.connect."""
+        if self.tls is None:
+            identity = ""
+        pool_key = (key, identity)
         for _ in range(MAX_GET_ROUNDS):
-            conn = self.ready(key)
+            conn = self.ready(key, identity)
             if conn is not None:
                 return conn
-            task = self._connecting.get(key)
+            task = self._connecting.get(pool_key)
             if task is None:
-                if self.count(key) >= self.settings.max_connections_per_endpoint:
+                if self.count(key, identity) >= self.settings.max_connections_per_endpoint:
                     raise EndpointBusy(
-                        f"{key[0]}:{key[1]}: {self.count(key)} HTTP/2 connections, every "
-                        f"stream in use")
-                task = asyncio.get_running_loop().create_task(self._connect(key, timeout))
-                self._connecting[key] = task
-                task.add_done_callback(partial(self._connected, key))
+                        f"{key[0]}:{key[1]}: {self.count(key, identity)} HTTP/2 connections, "
+                        f"every stream in use")
+                task = asyncio.get_running_loop().create_task(
+                    self._connect(key, timeout, identity))
+                self._connecting[pool_key] = task
+                task.add_done_callback(partial(self._connected, pool_key))
             conn = await asyncio.shield(task)
             if conn.has_capacity:
                 return conn
         raise EndpointBusy(f"{key[0]}:{key[1]}: no HTTP/2 stream free")
 
-    def _connected(self, key: EndpointKey, task: asyncio.Task[ClientConnection]) -> None:
-        self._connecting.pop(key, None)
+    def _connected(self, pool_key: PoolKey, task: asyncio.Task[ClientConnection]) -> None:
+        self._connecting.pop(pool_key, None)
         if not task.cancelled():
             task.exception()  # the waiters got it; nothing is left unretrieved
 
-    async def _connect(self, key: EndpointKey, timeout: float) -> ClientConnection:
-        _, protocol = await self.opener(key, lambda: ClientConnection(self, key), timeout)
+    async def _connect(self, key: EndpointKey, timeout: float,
+                       identity: str) -> ClientConnection:
+        if identity and self.tls is not None:
+            return await self._connect_tls(key, timeout, identity, self.tls)
+        loop = asyncio.get_running_loop()
+        host, port = key
+        try:
+            async with asyncio.timeout(timeout):
+                transport, protocol = await loop.create_connection(
+                    lambda: ClientConnection(self, key), host, port)
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"connecting to {host}:{port} timed out after {timeout:g}s") from None
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise UpstreamRefused(f"connecting to {host}:{port} failed: {reason}") from None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return protocol
+
+    async def _connect_tls(self, key: EndpointKey, timeout: float, identity: str,
+                           client: tls.ClientTls) -> ClientConnection:
+        loop = asyncio.get_running_loop()
+        host, port = key
+        try:
+            context = client.client_context(H2_ALPN)
+        except IdentityError as error:
+            raise IdentityUnavailable(f"no TLS credentials for {identity} yet: "
+                                      f"{error.reason}") from None
+        try:
+            sock = await connect_tcp(loop, host, port, timeout)
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"connecting to {host}:{port} timed out after {timeout:g}s") from None
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise UpstreamRefused(f"connecting to {host}:{port} failed: {reason}") from None
+        connection = await handshake_errors(
+            tls.originate(loop, sock, context, identity, self.handshake_timeout),
+            f"{host}:{port}", identity)
+        if connection.ssl_object.selected_alpn_protocol() != tls.ALPN_HTTP2:
+            connection.abort()
+            raise UpstreamTlsFailed(f"{host}:{port} ({identity}) did not take HTTP/2 (ALPN)")
+        self.handshakes += 1
+        protocol = ClientConnection(self, key, identity=identity)
+        connection.attach(protocol)
         return protocol
 
     async def adopt(self, key: EndpointKey, sock: socket.socket) -> None:
@@ -282,18 +338,19 @@ class H2Pool:
         self.open += 1
         self.created += 1
         if not conn.adopted:
-            self.tcp.opened()
+            conn.tcp.opened()
         conn.idle_since = monotonic()
-        self._conns.setdefault(conn.key, []).append(conn)
+        self._conns.setdefault((conn.key, conn.identity), []).append(conn)
 
     def lost(self, conn: ClientConnection, error: bool) -> None:
         self.open -= 1
-        self.tcp.closed(error)
-        conns = self._conns.get(conn.key)
+        conn.tcp.closed(error)
+        pool_key = (conn.key, conn.identity)
+        conns = self._conns.get(pool_key)
         if conns is not None and conn in conns:
             conns.remove(conn)
             if not conns:
-                del self._conns[conn.key]
+                del self._conns[pool_key]
 
     def sweep(self, now: float) -> None:
         """Close connections without streams for ``pool_idle_timeout``; ``now`` is

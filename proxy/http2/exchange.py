@@ -34,11 +34,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import (
     DeadlineExceeded,
+    EndpointConnectError,
     NoEndpoints,
     ProxyError,
-    UpstreamConnectTimeout,
     UpstreamMalformed,
-    UpstreamRefused,
     UpstreamReset,
     render_h2,
 )
@@ -193,7 +192,7 @@ class Exchange:
         now = monotonic()
         endpoint = target.pick(now, ())
         if endpoint is not None:
-            conn = self.server.ctx.pool.ready(endpoint.key)
+            conn = self.server.ctx.pool.ready(endpoint.key, endpoint.identity)
             if conn is not None and self._attach(conn, endpoint, now):
                 return
         self.task = asyncio.get_running_loop().create_task(self._dispatch(endpoint))
@@ -211,8 +210,9 @@ class Exchange:
                         raise last
                     endpoint = await target.wait_pick(exclude)
                 try:
-                    conn = await ctx.pool.get(endpoint.key, target.connect_timeout)
-                except (UpstreamRefused, UpstreamConnectTimeout) as error:
+                    conn = await ctx.pool.get(endpoint.key, target.connect_timeout,
+                                              endpoint.identity)
+                except EndpointConnectError as error:
                     now = monotonic()
                     target.on_connect_error(endpoint, now)
                     exclude.append(endpoint.key)
