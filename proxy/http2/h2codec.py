@@ -15,6 +15,9 @@ What it changes in h2 and why (DESIGN.md, "Performance notes"):
   becomes an event without closing (``_ShoalH2Connection._receive_goaway_frame``). This
   leans on h2 4.x internals (``_data_to_send``, the frame dispatch table); the tests cover
   both directions.
+- hpack logs every integer and field it codes at DEBUG (~30 ``log.debug`` calls per
+  proxied request, 5% of the time); unless that logger is enabled for DEBUG, its module
+  logger is swapped for one whose ``debug`` does nothing (``quiet_hpack``).
 - Our SETTINGS are installed before the preface (``local_settings`` replaced, as h2's
   documentation suggests) so the first SETTINGS frame carries them, and the connection
   window is raised with one WINDOW_UPDATE right after.
@@ -31,6 +34,7 @@ import h2.connection
 import h2.events as h2e
 import h2.exceptions
 import h2.settings
+import hpack.hpack
 from hyperframe.frame import GoAwayFrame
 
 from .codec import (
@@ -60,6 +64,26 @@ CLOSED_STREAMS_KEPT: Final = 1000
 # RFC 9113 6.5.2: the initial window every connection starts with.
 DEFAULT_WINDOW: Final = 65_535
 _SETTING = h2.settings.SettingCodes
+
+
+class _QuietLogger:
+    """Stands in for hpack's module logger: debug() costs one call and does nothing."""
+
+    def __init__(self, real: logging.Logger) -> None:
+        self.real = real
+
+    def debug(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def quiet_hpack() -> None:
+    """Skip hpack's per-field debug logging unless someone asked for it."""
+    current = hpack.hpack.log
+    if isinstance(current, logging.Logger) and not current.isEnabledFor(logging.DEBUG):
+        hpack.hpack.log = _QuietLogger(current)  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -92,6 +116,7 @@ class H2Codec:
     __slots__ = ("_conn", "_settings", "client_side")
 
     def __init__(self, client_side: bool, settings: CodecSettings) -> None:
+        quiet_hpack()
         self.client_side = client_side
         self._settings = settings
         config = h2.config.H2Configuration(
