@@ -2,7 +2,8 @@
 
 One run per peer and scenario (h2load ``-c C -m M -D S`` after a warm-up), the proxies
 alone on the proxy core, h2load and the upstream on the other (the method of
-shared/bench-anchor), then a table of req/s, mean latency and ratios:
+shared/bench-anchor), then a table of req/s, mean latency, ratios, and the CPU the
+proxies spent per request (the figure that holds on a machine shared with other work):
 
   scenario      request                              upstream
   h2-get        GET /                                nginx h2c, "ok" (3 bytes)
@@ -91,6 +92,20 @@ class Result:
     mean_ms: float
     succeeded: int
     failed: int
+    cpu_us: float | None  # the proxies' CPU (user + system) per request; None: direct
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of the processes so far (from /proc; the robust figure on a
+    machine shared with other work, where req/s also measures the neighbours)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def nginx_h2_conf(workdir: Path, port: int) -> str:
@@ -296,28 +311,40 @@ def measure(scenarios: Sequence[Scenario], peers: Sequence[str], seconds: int, c
                         if scenario.upstream == "grpcio":
                             probe = partial(_grpc_probe, body=body)
                         port, authority = start_peer(procs, peer, upstream, probe)
+                        pids = [m.popen.pid for m in procs.running
+                                if m.name not in ("nginx", "grpcio")]
+                        before = cpu_seconds(pids)
                         rps, mean, ok, failed = run_h2load(port, scenario, authority, seconds,
                                                            clients, streams, body)
+                        used = cpu_seconds(pids) - before
                     except (PeerUnavailable, ValueError) as error:
                         say(f"{scenario.name:12} {peer:11} not available: {error}")
                         continue
-                results.append(Result(scenario.name, peer, rps, mean, ok, failed))
+                # h2load's warm-up requests are not in its count; its duration is.
+                total = rps * (seconds + WARMUP_SECONDS)
+                cpu_us = used / total * 1e6 if pids and total else None
+                results.append(Result(scenario.name, peer, rps, mean, ok, failed, cpu_us))
+                cpu_text = f"  cpu {cpu_us:6.0f} us/req" if cpu_us is not None else ""
                 say(f"{scenario.name:12} {peer:11} {rps:9.0f} req/s  mean {mean:7.2f} ms  "
-                    f"({ok} ok, {failed} failed)")
+                    f"({ok} ok, {failed} failed){cpu_text}")
     return results
 
 
 def table(results: Sequence[Result]) -> str:
     by = {(r.scenario, r.peer): r for r in results}
     lines = [f"{'scenario':12} {'peer':11} {'req/s':>9} {'mean ms':>8} {'/direct':>8} "
-             f"{'/envoy':>8}"]
+             f"{'/envoy':>8} {'cpu us/req':>11} {'cpu/envoy':>10}"]
     for r in results:
         direct = by.get((r.scenario, "direct"))
         counterpart = by.get((r.scenario, COUNTERPART.get(r.peer, "")))
         vs_direct = f"{r.rps / direct.rps:.2f}x" if direct and direct.rps else "-"
         vs_envoy = f"{r.rps / counterpart.rps:.2f}x" if counterpart and counterpart.rps else "-"
+        cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "-"
+        cpu_ratio = "-"
+        if r.cpu_us is not None and counterpart is not None and counterpart.cpu_us:
+            cpu_ratio = f"{r.cpu_us / counterpart.cpu_us:.2f}x"
         lines.append(f"{r.scenario:12} {r.peer:11} {r.rps:9.0f} {r.mean_ms:8.2f} "
-                     f"{vs_direct:>8} {vs_envoy:>8}")
+                     f"{vs_direct:>8} {vs_envoy:>8} {cpu:>11} {cpu_ratio:>10}")
     return "\n".join(lines)
 
 
