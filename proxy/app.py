@@ -13,7 +13,8 @@ Shutdown (SIGTERM, SIGINT or admin ``POST /shutdown``), in order:
    proxy keeps serving for DEREGISTER_GRACE_SECONDS so peers' proxies stop picking it;
 3. the listeners close (no new connections);
 4. idle client connections close; busy ones finish their current response, which says
-   ``Connection: close``; opaque relays and tunnels keep going;
+   ``Connection: close``; HTTP/2 connections get GOAWAY and finish the streams in flight;
+   opaque relays and tunnels keep going;
 5. after everything finished or the drain timeout, whatever is left is cut, the bus link
    closes, and the process exits 0.
 """
@@ -41,6 +42,8 @@ from .buslink import BusLink
 from .config import SWEEP_INTERVAL_SECONDS, ProxyConfig, ServiceName, load
 from .discover import Discovery
 from .http1.client import Pool
+from .http2.client import H2Pool
+from .http2.conn import Flusher
 from .identity import IdentityClient, IdentityConfig, TokenSource
 from .inbound import Inbound
 from .listen import Handler, Listener, bind
@@ -81,7 +84,7 @@ class Proxy:
         self.config = config
         self.runtime = Runtime(metrics=ProxyMetrics())
         self.listeners: list[Listener] = []
-        self.pools: list[Pool] = []
+        self.pools: list[Pool | H2Pool] = []
         self.admin: Admin | None = None
         self.addresses: dict[str, tuple[str, int]] = {}
         self._register_task: asyncio.Task[None] | None = None
@@ -150,6 +153,10 @@ class Proxy:
                         "peer": "dst", **tls.outbound_labels("", runtime.identity is not None)}),
                     tls_client=runtime.identity, tls_tcp=self._outbound_tls_tcp)
         self.pools.append(pool)
+        flusher = Flusher()
+        h2_outbound = H2Pool(config.http2, flusher, tcp=pool.tcp, tls_client=runtime.identity,
+                             tls_tcp=self._outbound_tls_tcp)
+        self.pools.append(h2_outbound)
         static: dict[ServiceName, StaticEntry] = {
             item.target: StaticEntry(item.target, item.endpoints, item.identities)
             for item in config.static}
@@ -157,14 +164,18 @@ class Proxy:
                             metrics=runtime.metrics, settings=config.outbound,
                             cluster_domain=config.cluster_domain)
         if config.outbound_port:
-            outbound = Outbound(config, runtime, services)
+            outbound = Outbound(config, runtime, services, h2_outbound)
             self._bind("outbound", config.listen_host, config.outbound_port, outbound.handle)
         if config.serves_inbound:
-            inbound = Inbound(config, runtime, runtime.identity)
+            h2_inbound = H2Pool(config.http2, flusher, tcp=runtime.metrics.tcp_metrics(
+                "inbound", {"peer": "dst", "target_addr": f"{config.app_host}:{config.app_port}"}))
+            inbound = Inbound(config, runtime, h2_inbound, runtime.identity)
             self.pools.append(inbound.pool)
+            self.pools.append(h2_inbound)
             self._bind("inbound", config.inbound_host, config.inbound_port, inbound.handle)
         for mapping in config.upstreams:
-            mapped = PortMapped(mapping, config, runtime, services, runtime.identity)
+            mapped = PortMapped(mapping, config, runtime, services, h2_outbound,
+                                runtime.identity)
             self._bind(f"upstream {mapping.local_port}={mapping.target}", config.listen_host,
                        mapping.local_port, mapped.handle)
         if config.admin_port:

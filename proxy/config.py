@@ -60,6 +60,36 @@ MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 # it reading pauses. One asyncio write-buffer high-water mark.
 MAX_PENDING_BODY_BYTES = 64 * 1024
 
+# HTTP/2 (proxy/http2/). What a peer may make the proxy hold is bounded by the windows we
+# advertise: a stream's bytes wait in the proxy only while the other side cannot take them.
+# Streams a peer may open at once per connection: RFC 9113 6.5.2 asks for at least 100;
+# h2's default is 100 and nginx's 128. Also the most streams the proxy opens on one upstream
+# connection before it opens another.
+H2_MAX_CONCURRENT_STREAMS = 100
+# Receive window per stream: the most one stream can make the proxy hold. 256 KiB keeps a
+# loopback or LAN hop streaming at hundreds of MB/s with one WINDOW_UPDATE per 128 KiB
+# (gRPC starts at 64 KiB and grows with its BDP estimate up to MBs).
+H2_STREAM_WINDOW = 256 * 1024
+# Receive window per connection: every stream's window at once, so a stalled stream never
+# blocks the others on a shared connection; the most one connection can make us hold.
+H2_CONNECTION_WINDOW = H2_MAX_CONCURRENT_STREAMS * H2_STREAM_WINDOW
+# Largest frame we accept: four times the 16 KiB default, so a large body costs a quarter
+# of the frames (each frame is several Python calls in the codec).
+H2_MAX_FRAME_SIZE = 64 * 1024
+# Header list (decoded): the HTTP/1 request head bound; h2 refuses more (ENHANCE_YOUR_CALM).
+H2_MAX_HEADER_LIST_SIZE = MAX_REQUEST_HEAD_BYTES
+# HTTP/2 connections to one endpoint (each carries up to H2_MAX_CONCURRENT_STREAMS); a
+# request finding them all full is refused with 503 rather than queued without bound.
+H2_MAX_CONNECTIONS_PER_ENDPOINT = 8
+# An upstream HTTP/2 connection without streams this long is closed: below nginx's 75 s
+# keepalive_timeout, the shortest common HTTP/2 server default, so we close first.
+H2_POOL_IDLE_TIMEOUT_SECONDS = 30.0
+# Bytes queued on a connection whose peer does not read. DATA is flow-controlled and stops
+# at the write-buffer high-water mark, so only control frames (PING and SETTINGS acks,
+# resets) grow past it; a peer that keeps sending those without reading is cut off
+# (GOAWAY ENHANCE_YOUR_CALM) past this.
+H2_MAX_WRITE_BACKLOG = 4 * 1024 * 1024
+
 # Timeouts (seconds).
 # Connecting to an endpoint: Linkerd's outbound 1 s and inbound 100 ms (the app is local).
 OUTBOUND_CONNECT_TIMEOUT_SECONDS = 1.0
@@ -112,6 +142,18 @@ class Http1Settings:
     response_timeout: float = RESPONSE_TIMEOUT_SECONDS
     idle_timeout: float = IDLE_TIMEOUT_SECONDS
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT_SECONDS
+
+
+@dataclass(frozen=True)
+class Http2Settings:
+    max_concurrent_streams: int = H2_MAX_CONCURRENT_STREAMS
+    stream_window: int = H2_STREAM_WINDOW
+    connection_window: int = H2_CONNECTION_WINDOW
+    max_frame_size: int = H2_MAX_FRAME_SIZE
+    max_header_list_size: int = H2_MAX_HEADER_LIST_SIZE
+    max_connections_per_endpoint: int = H2_MAX_CONNECTIONS_PER_ENDPOINT
+    pool_idle_timeout: float = H2_POOL_IDLE_TIMEOUT_SECONDS
+    max_write_backlog: int = H2_MAX_WRITE_BACKLOG
 
 
 @dataclass(frozen=True)
@@ -180,6 +222,7 @@ class ProxyConfig:
     bus: BusSettings | None = None
     register: bool = True
     http1: Http1Settings = field(default_factory=Http1Settings)
+    http2: Http2Settings = field(default_factory=Http2Settings)
     outbound: DirectionSettings = field(default_factory=lambda: DirectionSettings(
         OUTBOUND_CONNECT_TIMEOUT_SECONDS, OUTBOUND_FAILFAST_SECONDS))
     inbound: DirectionSettings = field(default_factory=lambda: DirectionSettings(

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from .http2.grpc import from_http as grpc_from_http
+from .http2.grpc import percent_encode
+
 ERROR_HEADER = b"shoal-proxy-error"
 LINKERD_ERROR_HEADER = b"l5d-proxy-error"
 
@@ -31,6 +34,8 @@ class ProxyError(Exception):
     reason: ClassVar[bytes] = b"Bad Gateway"
     # True: the peer broke the protocol, so the connection cannot be trusted any more.
     fatal: ClassVar[bool] = False
+    # What a gRPC client sees (None: mapped from ``status``, see http2/grpc.py).
+    grpc_status: ClassVar[int | None] = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -131,6 +136,18 @@ class ResponseTimeout(ProxyError):
     status, reason = 504, b"Gateway Timeout"
 
 
+class DeadlineExceeded(ProxyError):
+    """The request's ``grpc-timeout`` passed before its response ended."""
+
+    status, reason, grpc_status = 504, b"Gateway Timeout", 4
+
+
+class EndpointBusy(ProxyError):
+    """Every HTTP/2 connection to the endpoint carries its maximum of streams."""
+
+    status, reason = 503, b"Service Unavailable"
+
+
 def _header_text(message: str) -> bytes:
     text = message.encode("ascii", "replace")[:MAX_ERROR_TEXT]
     return bytes(c if 0x20 <= c < 0x7F else 0x3F for c in text)  # "?" for the rest
@@ -154,3 +171,21 @@ def render(error: ProxyError, *, close: bool, head_only: bool = False) -> bytes:
     if not head_only:
         parts.append(body)
     return b"".join(parts)
+
+
+def render_h2(error: ProxyError, grpc: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(headers, body) of the HTTP/2 answer for ``error``. A gRPC request gets a
+    trailers-only response (HTTP 200, ``grpc-status``, ``grpc-message``, no body), the way
+    Linkerd answers gRPC clients; others get the status and the text body."""
+    text = _header_text(error.message)
+    if grpc:
+        code = error.grpc_status if error.grpc_status is not None else grpc_from_http(
+            error.status)
+        return [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"%d" % code), (b"grpc-message", percent_encode(error.message)),
+                (ERROR_HEADER, text), (LINKERD_ERROR_HEADER, text)], b""
+    body = text + b"\n"
+    return [(b":status", b"%d" % error.status),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)), (ERROR_HEADER, text),
+            (LINKERD_ERROR_HEADER, text)], body

@@ -2,7 +2,9 @@
 
 Path: accept -> detect (connecting to the app in parallel, so a server that speaks first,
 NATS or MySQL, is seen at once) -> forward: HTTP/1 through the engine to the app port
-(the connection detection opened is put into the pool), opaque bytes relayed as they are.
+(the connection detection opened is put into the pool), HTTP/2 through the HTTP/2 engine
+to the app over h2c (the connection detection opened becomes the first pooled HTTP/2
+connection), opaque bytes relayed as they are.
 Authorization policy joins this path with the policy issue.
 
 Mutual TLS: detection recognises a TLS ClientHello first, on every port (a meshed peer
@@ -38,8 +40,10 @@ from .config import ProxyConfig
 from .detect import MAX_DETECT_BYTES, detect
 from .http1.client import Pool
 from .http1.server import ServerContext, ServerProtocol
+from .http2.client import H2Pool
+from .http2.server import FixedH2Router, H2Context, ServerConnection, serve_http2
 from .identity import IdentityClient, peer_identity
-from .listen import adopt, refuse_http2, serve_http1
+from .listen import adopt, serve_http1
 from .metrics import TcpMetrics
 from .opaque import forward_opaque
 from .relay import Relay
@@ -68,13 +72,17 @@ class _Peer:
             connections=inbound.runtime.connections)
         self.opaque_tcp: TcpMetrics = metrics.tcp_metrics(
             "inbound", {"peer": "src", "protocol": "opaque", **full})
+        self.h2ctx = H2Context(router=FixedH2Router(self.target), pool=inbound.h2pool,
+                               http1=config.http1, tcp=self.ctx.tcp,
+                               connections=inbound.runtime.connections)
 
 
 class Inbound:
-    def __init__(self, config: ProxyConfig, runtime: Runtime,
+    def __init__(self, config: ProxyConfig, runtime: Runtime, h2pool: H2Pool,
                  identity: IdentityClient | None = None) -> None:
         assert config.app_port is not None
         self.config = config
+        self.h2pool = h2pool
         self.runtime = runtime
         self.identity = identity
         self.mesh_suffix = mesh_suffix(identity.identity) if identity is not None else ""
@@ -164,8 +172,8 @@ class Inbound:
             return
         elif result.protocol == "http2":
             if result.upstream is not None:
-                result.upstream.close()
-            await refuse_http2(client)
+                await self.h2pool.adopt(peer.target.endpoint.key, result.upstream)
+            await serve_http2(client, peer.h2ctx, initial)
             return
         else:
             peer = self.plain
@@ -219,10 +227,9 @@ class Inbound:
             connection.attach(ServerProtocol(peer.ctx))
             return
         if alpn == tls.ALPN_HTTP2:
-            # The HTTP/2 engine takes these; until it is wired here, refuse cleanly.
             if app is not None:
-                app.close()
-            connection.transport.close()
+                await self.h2pool.adopt(peer.target.endpoint.key, app)
+            connection.attach(ServerConnection(peer.h2ctx))
             return
         if alpn == tls.ALPN_OPAQUE:
             await self._relay(connection, app, peer, b"")

@@ -53,8 +53,10 @@ from .errors import (
 from .http1.client import Pool, handshake_errors
 from .http1.framing import RequestHead, split_absolute_form
 from .http1.server import ServerContext
+from .http2.client import H2Pool
+from .http2.server import FixedH2Router, H2Context, adopt_server, serve_http2
 from .identity import IdentityError
-from .listen import adopt, refuse_http2, serve_http1
+from .listen import adopt, serve_http1
 from .metrics import ProxyMetrics, RequestMetrics, TcpMetrics
 from .opaque import forward_opaque
 from .relay import Relay
@@ -297,6 +299,15 @@ class OutboundRouter:
             target = self._resolve(authority)
         return target
 
+    def route_authority(self, authority: bytes | None) -> Target:
+        """HTTP/2's rule: ``:authority`` (or ``host``) as HTTP/1 uses Host."""
+        if authority is None:
+            raise BadAuthority("no :authority: cannot tell which service to call")
+        target = self._cache.get(authority)
+        if target is None:
+            target = self._resolve(authority)
+        return target
+
     def _resolve(self, authority: bytes) -> BalancedTarget:
         name, port = parse_authority(authority, self.default_namespace,
                                      self.services.cluster_domain)
@@ -308,18 +319,38 @@ class OutboundRouter:
 
 
 class Outbound:
-    """The outbound port: HTTP/1 routed by authority; HTTP/2 refused until the next
-    issue. An opaque connection here has no destination: authority routing needs a
-    request, and the original-destination lookup (transparent mode, iptables) comes with
-    the Kubernetes issue, where it slots in as ``connect_upstream`` for classify."""
+    """The outbound port: HTTP/1 and HTTP/2 routed by authority (HTTP/2 per request); a
+    CONNECT tunnel that turns out to carry HTTP/2 (grpcio with ``grpc_proxy``) is served
+    as HTTP/2 to the named service, balanced per request. An opaque connection here has
+    no destination: authority routing needs a request, and the original-destination
+    lookup (transparent mode, iptables) comes with the Kubernetes issue, where it slots
+    in as ``connect_upstream`` for classify."""
 
-    def __init__(self, config: ProxyConfig, runtime: Runtime, services: Services) -> None:
+    def __init__(self, config: ProxyConfig, runtime: Runtime, services: Services,
+                 h2pool: H2Pool) -> None:
         self.config = config
+        router = OutboundRouter(services, config.namespace)
+        tcp = runtime.metrics.tcp_metrics("outbound", {"peer": "src", **tls.TLS_LOOPBACK})
+        self.h2pool = h2pool
+        self.h2ctx = H2Context(router=router, pool=h2pool, http1=config.http1, tcp=tcp,
+                               connections=runtime.connections)
         self.ctx = ServerContext(
-            router=OutboundRouter(services, config.namespace), settings=config.http1,
-            tcp=runtime.metrics.tcp_metrics("outbound", {"peer": "src", **tls.TLS_LOOPBACK}),
-            connections=runtime.connections)
+            router=router, settings=config.http1, tcp=tcp, connections=runtime.connections,
+            tunnel_h2=self._tunnel_h2)
         self.no_destination = 0  # opaque connections closed for want of a destination
+
+    def _tunnel_h2(self, client: asyncio.Transport, initial: bytes, target: Target,
+                   upstream: asyncio.Transport | None, key: EndpointKey,
+                   upstream_data: bytes) -> None:
+        """A CONNECT tunnel began with the HTTP/2 preface: serve it as HTTP/2 to the
+        tunnel's service; the plaintext connection opened for the tunnel joins the HTTP/2
+        pool (a TLS one, made for HTTP/1, was closed: the pool opens its own)."""
+        ctx = H2Context(router=FixedH2Router(target), pool=self.h2pool,
+                        http1=self.config.http1, tcp=self.h2ctx.tcp,
+                        connections=self.h2ctx.connections)
+        if upstream is not None:
+            self.h2pool.adopt_transport(key, upstream, upstream_data)
+        adopt_server(client, ctx, initial)
 
     async def handle(self, client: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -328,7 +359,7 @@ class Outbound:
         if result.protocol == "http1":
             await serve_http1(client, self.ctx, result.client_data)
         elif result.protocol == "http2":
-            await refuse_http2(client)
+            await serve_http2(client, self.h2ctx, result.client_data)
         else:
             self.no_destination += 1
             client.close()
@@ -348,7 +379,8 @@ class PortMapped:
     default)."""
 
     def __init__(self, mapping: PortMapping, config: ProxyConfig, runtime: Runtime,
-                 services: Services, client_tls: tls.ClientTls | None = None) -> None:
+                 services: Services, h2pool: H2Pool,
+                 client_tls: tls.ClientTls | None = None) -> None:
         self.mapping = mapping
         self.config = config
         self.target = services.target(mapping.target, mapping.port)
@@ -357,11 +389,13 @@ class PortMapped:
         labels = {m.AUTHORITY: self.target.authority.decode(),
                   m.DST_NAMESPACE: mapping.target.namespace,
                   m.DST_SERVICE: mapping.target.service}
+        tcp = self.metrics.tcp_metrics("outbound", {"peer": "src", **labels, **tls.TLS_LOOPBACK})
         self.ctx = ServerContext(
-            router=FixedRouter(self.target), settings=config.http1,
-            tcp=self.metrics.tcp_metrics("outbound", {"peer": "src", **labels,
-                                                      **tls.TLS_LOOPBACK}),
+            router=FixedRouter(self.target), settings=config.http1, tcp=tcp,
             connections=runtime.connections)
+        self.h2pool = h2pool
+        self.h2ctx = H2Context(router=FixedH2Router(self.target), pool=h2pool,
+                               http1=config.http1, tcp=tcp, connections=runtime.connections)
         self._opaque_tcp: dict[str, TcpMetrics] = {}
         self.opaque = mapping.port is not None and mapping.port in config.opaque_ports
         self.unreachable = 0
@@ -434,9 +468,12 @@ class PortMapped:
             await serve_http1(client, self.ctx, result.client_data)
             return
         if result.protocol == "http2":
-            if result.upstream is not None:
-                result.upstream.close()
-            await refuse_http2(client)
+            if result.upstream is not None and state is not None:
+                if meshed:  # the pool opens its own TLS connection (ALPN h2)
+                    result.upstream.close()
+                else:
+                    await self.h2pool.adopt(state.key, result.upstream)
+            await serve_http2(client, self.h2ctx, result.client_data)
             return
         if result.upstream is None or state is None:
             self.unreachable += 1

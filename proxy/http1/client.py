@@ -101,6 +101,15 @@ class UpstreamProtocol(asyncio.Protocol):
         self.response_started = False
         self.read_until_close = False
 
+    def detach(self) -> None:
+        """Another protocol takes this connection's transport (a CONNECT tunnel that
+        carries HTTP/2): stop counting it here; its TCP series goes on with the new one."""
+        self.owner = None
+        self.tunnel = False
+        self.closed = True
+        self.pool.open -= 1
+        self.gate.resume(self.gate.reasons)
+
     def unbind(self) -> None:
         self.owner = None
         self.gate.resume(PEER_FULL)
