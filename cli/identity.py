@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Annotated
 
+import msgspec
 import typer
 from cryptography import x509
 
 from shoal.kernel import identity_store as store
 from shoal.kernel import pki, tokens
 from shoal.kernel.config import default_state_dir
+from shoal.proxy.admin import ProxyIdentityInfo
 from shoal.schemas import names
 from shoal.schemas.codec import Decoder, WireDecodeError, encode
 from shoal.schemas.identity import TrustBundle
@@ -35,6 +39,10 @@ AnchorDays = Annotated[int, typer.Option("--anchor-days", min=1,
                                          help="validity of a new trust anchor")]
 IssuerDays = Annotated[int, typer.Option("--issuer-days", min=1,
                                          help="validity of a new issuer")]
+
+# `show --admin`: one small JSON answer from a local proxy.
+ADMIN_TIMEOUT_SECONDS = 5.0
+MAX_ADMIN_ANSWER_BYTES = 256 * 1024
 
 SERVICE_RELOAD_NOTE = ("the identity service picks the new files up within a few seconds, "
                        "without a restart")
@@ -105,16 +113,13 @@ def token(
     """Mint a join token for one workload identity (printed alone on stdout)."""
     ident, _ = _dirs(state_dir, identity_dir, None)
     try:
-        seconds = tokens.parse_duration(ttl)
-        settings = store.read_settings(ident)
-        identity = settings.scheme.identity(serviceaccount, namespace)
-        key = store.load_signing_key(ident)
+        minted = store.mint_join_token(ident, namespace, serviceaccount,
+                                       tokens.parse_duration(ttl))
     except (store.IdentityMaterialError, pki.PkiError, ValueError) as error:
         raise _fail(str(error)) from None
-    minted = tokens.mint(key, namespace, serviceaccount, seconds, time.time())
-    expires = _now() + dt.timedelta(seconds=seconds)
-    typer.echo(f"join token for {identity}, valid until {_date(expires)}", err=True)
-    typer.echo(minted)
+    expires = dt.datetime.fromtimestamp(minted.expires_at, dt.UTC)
+    typer.echo(f"join token for {minted.identity}, valid until {_date(expires)}", err=True)
+    typer.echo(minted.token)
 
 
 @app.command("rotate-issuer")
@@ -228,12 +233,23 @@ def _publish_bundle(ident: Path, state_dir: Path | None, url: str | None, user: 
 def show(
     cert: Annotated[Path | None, typer.Option(
         "--cert", help="a PEM certificate (leaf first) to describe and verify")] = None,
+    admin: Annotated[str | None, typer.Option(
+        "--admin", help="a proxy's admin address (HOST:PORT, e.g. 127.0.0.1:4191): print "
+                        "that proxy's identity, certificate and trust anchors")] = None,
+    output: Annotated[str, typer.Option(
+        "--output", "-o", help="with --admin: text or json")] = "text",
     state_dir: StateDir = None, identity_dir: IdentityDir = None,
     nats_url: NatsUrl = None, user: NatsUser = None, password: NatsPassword = None,
     tls_ca: NatsCa = None,
 ) -> None:
     """Print the trust bundle the mesh uses (from shoal_trust) and, with --cert, that
-    certificate's identity, serial, expiry and whether it verifies."""
+    certificate's identity, serial, expiry and whether it verifies; with --admin, what a
+    running proxy holds (its admin port's /identity)."""
+    if admin is not None:
+        if output not in ("text", "json"):
+            typer.echo(f"error: --output must be text or json, not {output!r}", err=True)
+            raise typer.Exit(2)
+        raise typer.Exit(_show_proxy(admin, output))
     ident, _ = _dirs(state_dir, identity_dir, None)
     status = 0
     anchors: list[x509.Certificate] = []
@@ -310,6 +326,63 @@ def _show_cert(path: Path, anchors: list[x509.Certificate], ident: Path) -> int:
         return 1
     typer.echo("  verifies   yes, against the trust bundle")
     return 0
+
+
+def _fetch_proxy_identity(admin: str) -> bytes:
+    """GET /identity from a proxy's admin port; ``_AdminError`` says why not."""
+    host, sep, port = admin.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise _AdminError(f"--admin {admin!r}: expected HOST:PORT")
+    try:
+        with urllib.request.urlopen(f"http://{host.strip('[]')}:{port}/identity",
+                                    timeout=ADMIN_TIMEOUT_SECONDS) as response:
+            return bytes(response.read(MAX_ADMIN_ANSWER_BYTES))
+    except urllib.error.HTTPError as error:
+        detail = error.read(1024).decode(errors="replace").strip()
+        raise _AdminError(f"proxy at {admin}: {error.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise _AdminError(f"cannot reach the proxy's admin port at {admin}: {reason}") \
+            from None
+
+
+class _AdminError(Exception):
+    pass
+
+
+def _show_proxy(admin: str, output: str) -> int:
+    try:
+        raw = _fetch_proxy_identity(admin)
+        info = msgspec.json.decode(raw, type=ProxyIdentityInfo)
+    except _AdminError as error:
+        typer.echo(f"error: {error}", err=True)
+        return 1
+    except msgspec.DecodeError as error:
+        typer.echo(f"error: the proxy at {admin} answered something else: {error}", err=True)
+        return 1
+    if output == "json":
+        typer.echo(msgspec.json.format(raw).decode())
+        return 0 if info.ready else 1
+    typer.echo(f"proxy {admin}:")
+    typer.echo(f"  identity   {info.identity}")
+    typer.echo(f"  ready      {'yes' if info.ready else 'no'}")
+    if info.serial:
+        not_after = dt.datetime.fromtimestamp(info.not_after, dt.UTC)
+        left = not_after - _now()
+        typer.echo(f"  serial     {info.serial}")
+        typer.echo(f"  not before {_date(dt.datetime.fromtimestamp(info.not_before, dt.UTC))}")
+        typer.echo(f"  not after  {_date(not_after)} ("
+                   f"{'expired' if left.total_seconds() <= 0 else f'in {left}'.split('.')[0]})")
+        typer.echo(f"  renewals   {info.refresh_count}")
+        typer.echo(f"  issuer     {info.issuer} (key id {info.issuer_key_id[:16]})")
+    typer.echo(f"  trust anchors: {len(info.trust_anchors)}")
+    for anchor in info.trust_anchors:
+        until = _date(dt.datetime.fromtimestamp(anchor.not_after, dt.UTC))
+        typer.echo(f"    {anchor.subject}  valid until {until}  "
+                   f"sha256 {anchor.fingerprint[:16]}")
+    if info.last_error:
+        typer.echo(f"  last error {info.last_error}")
+    return 0 if info.ready else 1
 
 
 def ensure_identity(state_dir: Path) -> store.InitResult | None:

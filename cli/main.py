@@ -58,12 +58,25 @@ def up(
 def demo(
     state_dir: StateDir = None,
     nats_port: Annotated[int, typer.Option(help="NATS client port (-1: any free port)")] = -1,
+    web_port: Annotated[int, typer.Option(help="the demo app's port")] = 8080,
+    dashboard_port: Annotated[int, typer.Option(help="the dashboard's port")] = 8084,
+    voting_replicas: Annotated[int, typer.Option(min=1, max=8)] = 2,
+    bot_rate: Annotated[float, typer.Option(min=0.1, max=100,
+                                            help="vote-bot rounds per second")] = 1.0,
+    unmeshed: Annotated[bool, typer.Option(
+        "--unmeshed", help="run the demo app without Shoal, to compare")] = False,
 ) -> None:
-    """Shoal's main job on one machine: the bus and the control plane (the meshed demo
-    application and the dashboard join it as they land)."""
-    from .up import run_up
+    """Shoal's main job on one machine: the bus, the control plane, the emojivoto demo
+    meshed with a proxy per workload, and the dashboard."""
+    if unmeshed:
+        from shoal.demo.local import LocalDemo, run_local
 
-    status = asyncio.run(run_up(state_dir or default_state_dir(), console(), nats_port))
+        raise typer.Exit(asyncio.run(run_local(LocalDemo(
+            web_port=web_port, voting_replicas=voting_replicas))))
+    from .demo import run_demo
+
+    status = asyncio.run(run_demo(state_dir or default_state_dir(), console(), nats_port,
+                                  web_port, dashboard_port, voting_replicas, bot_rate))
     raise typer.Exit(status)
 
 
@@ -88,6 +101,33 @@ app.command("proxy", context_settings=_proxy.PASS_THROUGH, add_help_option=False
 from . import identity as _identity  # noqa: E402  (registers `shoal identity`)
 
 app.add_typer(_identity.app, name="identity")
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str], typer.Argument(help="the application and its arguments")],
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="the app's namespace")],
+    service: Annotated[str, typer.Option(help="the service the app serves")],
+    port: Annotated[int, typer.Option(
+        help="the port the app listens on (inbound target; 0: the app serves nothing)")] = 0,
+    workload: Annotated[str, typer.Option(help="workload name (default: the service)")] = "",
+    pod: Annotated[str, typer.Option(help="pod name (default: <workload>-<random>)")] = "",
+    outbound_port: Annotated[int, typer.Option(help="0: a free port")] = 0,
+    inbound_port: Annotated[int, typer.Option(help="0: a free port")] = 0,
+    admin_port: Annotated[int, typer.Option(help="0: a free port")] = 0,
+    upstream: Annotated[list[str] | None, typer.Option(
+        help="LOCALPORT=service.namespace[:PORT] for opaque TCP, repeatable")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Run COMMAND meshed: a sidecar proxy first, the app once the proxy is ready, and
+    the app's exit status as ours. Put `--` before COMMAND."""
+    from .run import RunSpec, run_command
+
+    spec = RunSpec(namespace=namespace, service=service, port=port, command=command,
+                   workload=workload, pod=pod, outbound_port=outbound_port,
+                   inbound_port=inbound_port, admin_port=admin_port,
+                   upstreams=tuple(upstream or ()), state_dir=state_dir)
+    raise typer.Exit(run_command(spec))
+
 
 from . import viz as _viz  # noqa: E402  (registers `shoal viz`)
 

@@ -78,6 +78,7 @@ class Supervisor:
     bus: BusFile | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     exited: asyncio.Queue[Child] = field(default_factory=asyncio.Queue)
+    dashboard_url: str = ""
 
     def settings(self, role: str) -> BusSettings:
         assert self.bus is not None
@@ -192,40 +193,51 @@ class Supervisor:
             await asyncio.to_thread(self.nats.stop)
 
 
+async def start_control_plane(supervisor: Supervisor, dashboard_port: int) -> bool:
+    """The bus, identity material and every service, each reported as it turns ready.
+    ``dashboard_port`` 0 picks a free port (tests; a second ``shoal up``)."""
+    console, state_dir = supervisor.console, supervisor.state_dir
+    await supervisor.start_bus()
+    assert supervisor.bus is not None
+    console.print(f"[bold]bus[/]        {supervisor.bus.url}  (JetStream, store in "
+                  f"{state_dir / 'nats'})")
+    console.print(f"[bold]credentials[/] {state_dir / 'bus.json'} (roles: proxy, "
+                  "controller, operator)")
+    try:
+        created = ensure_identity(state_dir)
+    except (IdentityMaterialError, OSError) as error:
+        console.print(f"[red]error:[/] cannot create identity material: {error}")
+        return False
+    if created is not None:
+        console.print(f"[bold]identity[/]    new trust anchor and issuer in "
+                      f"{created.identity_dir} (anchor key: {created.anchor_dir})")
+    # Started together (they meet only on the bus, so order does not matter), then
+    # reported in order: start-up costs the slowest service, not the sum of them.
+    dashboard_port = dashboard_port or free_port()
+    children = []
+    for name in SERVICES:
+        args = ("--port", str(dashboard_port)) if name == "dashboard" else ()
+        children.append(await supervisor.start_service(name, *args))
+    all_ready = True
+    for name, child in zip(SERVICES, children, strict=True):
+        ready = await supervisor.wait_ready(child)
+        all_ready = all_ready and ready
+        state = "ready" if ready else "[red]not ready[/]"
+        console.print(f"[bold]{name:<11}[/] {state}, health http://127.0.0.1:"
+                      f"{child.health_port}/ready")
+        if name == "dashboard" and ready:
+            supervisor.dashboard_url = f"http://127.0.0.1:{dashboard_port}/"
+            console.print(f"[bold]{'':<11}[/] open {supervisor.dashboard_url}")
+    return all_ready
+
+
 async def run_up(state_dir: Path, console: Console, nats_port: int,
                  dashboard_port: int = DASHBOARD_PORT) -> int:
-    """``dashboard_port`` 0 picks a free port (tests; a second ``shoal up``)."""
     supervisor = Supervisor(state_dir=state_dir, console=console, nats_port=nats_port)
     supervisor.install_signal_handlers()
     try:
-        await supervisor.start_bus()
-        assert supervisor.bus is not None
-        console.print(f"[bold]bus[/]        {supervisor.bus.url}  (JetStream, store in "
-                      f"{state_dir / 'nats'})")
-        console.print(f"[bold]credentials[/] {state_dir / 'bus.json'} (roles: proxy, "
-                      "controller, operator)")
-        try:
-            created = ensure_identity(state_dir)
-        except (IdentityMaterialError, OSError) as error:
-            console.print(f"[red]error:[/] cannot create identity material: {error}")
+        if not await start_control_plane(supervisor, dashboard_port):
             return 1
-        if created is not None:
-            console.print(f"[bold]identity[/]    new trust anchor and issuer in "
-                          f"{created.identity_dir} (anchor key: {created.anchor_dir})")
-        # Started together (they meet only on the bus, so order does not matter), then
-        # reported in order: start-up costs the slowest service, not the sum of them.
-        dashboard_port = dashboard_port or free_port()
-        children = []
-        for name in SERVICES:
-            args = ("--port", str(dashboard_port)) if name == "dashboard" else ()
-            children.append(await supervisor.start_service(name, *args))
-        for name, child in zip(SERVICES, children, strict=True):
-            ready = await supervisor.wait_ready(child)
-            state = "ready" if ready else "[red]not ready[/]"
-            console.print(f"[bold]{name:<11}[/] {state}, health http://127.0.0.1:"
-                          f"{child.health_port}/ready")
-            if name == "dashboard" and ready:
-                console.print(f"[bold]{'':<11}[/] open http://127.0.0.1:{dashboard_port}/")
         hint = "" if state_dir == default_state_dir() else f" (SHOAL_STATE_DIR={state_dir})"
         console.print(f"Other shells find this bus through {state_dir / 'bus.json'}{hint}. "
                       "Ctrl-C stops everything.")
@@ -235,4 +247,3 @@ async def run_up(state_dir: Path, console: Console, nats_port: int,
     finally:
         await supervisor.stop()
         console.print("stopped")
-

@@ -246,6 +246,29 @@ def load_signing_key(identity_dir: Path) -> Ed25519PrivateKey:
         raise IdentityMaterialError(f"{path}: {error}") from None
 
 
+@dataclass(frozen=True)
+class MintedToken:
+    token: str
+    identity: str  # the identity name the token vouches for
+    expires_at: float  # unix seconds
+
+
+def mint_join_token(identity_dir: Path, namespace: str, serviceaccount: str,
+                    ttl_seconds: float = tokens.DEFAULT_TOKEN_TTL_SECONDS,
+                    now: float | None = None) -> MintedToken:
+    """A join token for ``serviceaccount`` in ``namespace``, signed with the identity
+    directory's token key: what ``shoal identity token`` prints, for code that starts
+    proxies (``shoal run``, tests, benchmarks) and hands them the token in
+    ``SHOAL_PROXY_IDENTITY_TOKEN``. Raises ``IdentityMaterialError`` (no material, say),
+    ``pki.InvalidIdentityName`` or ``ValueError`` (a lifetime that is not positive)."""
+    settings = read_settings(identity_dir)
+    identity = settings.scheme.identity(serviceaccount, namespace)
+    key = load_signing_key(identity_dir)
+    issued = time.time() if now is None else now
+    token = tokens.mint(key, namespace, serviceaccount, ttl_seconds, issued)
+    return MintedToken(token=token, identity=identity, expires_at=issued + ttl_seconds)
+
+
 def load_anchor(anchor_dir: Path, next_anchor: bool = False) -> pki.CertifiedKey:
     cert_file, key_file = ((NEXT_ANCHOR_CERT_FILE, NEXT_ANCHOR_KEY_FILE) if next_anchor
                            else (ANCHOR_CERT_FILE, ANCHOR_KEY_FILE))

@@ -14,6 +14,10 @@ The caller owns the client socket throughout; it owns the upstream socket in the
 (use it, for example ``loop.create_connection(factory, sock=upstream)``, or close it).
 Readiness is watched with ``loop.add_reader`` (level-triggered), never with a cancelled
 ``sock_recv``, so no byte can be lost when detection ends; this works on uvloop too.
+
+With ``tls=True`` (the inbound side) a TLS ClientHello is recognised first
+(``detect.detect_tls``), on opaque ports too: a meshed peer always opens with one, and
+what follows it is decided after the handshake (proxy/inbound.py).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .detect import MAX_DETECT_BYTES, Protocol, detect
+from .detect import MAX_DETECT_BYTES, Protocol, detect, detect_tls
 
 # One read of whatever a server sent first (a NATS INFO line is ~300 bytes, a MySQL
 # handshake ~100); anything after it is relayed by forward_opaque. 64 KiB = one recv.
@@ -72,21 +76,25 @@ async def classify(
     opaque: bool,
     connect_upstream: Connector | None,
     timeout: float,
+    tls: bool = False,
 ) -> Classified:
     """Decide the protocol of the accepted, non-blocking ``client_sock``.
 
-    ``opaque``: the port is configured opaque, skip detection. ``connect_upstream``: opens
+    ``opaque``: the port is configured opaque, skip detection (but with ``tls``, still
+    recognise a ClientHello: anything else is opaque). ``tls``: a connection that opens
+    with a TLS ClientHello is ``tls``. ``connect_upstream``: opens
     the upstream connection (non-blocking socket); given, it is started at once, in
     parallel with reading the client, so a server that speaks first is seen at once.
     ``timeout``: how long to wait for a silent client (DETECT_TIMEOUT_SECONDS is the
     default policy); then the connection is opaque. Raises ClientReset if the client breaks
     the connection before a decision; never leaks the upstream socket.
     """
-    if opaque:
+    if opaque and not tls:
         upstream, error = await _await_connect(connect_upstream) if connect_upstream else (
             None, None)
         return Classified("opaque", b"", "opaque-port", upstream, b"", error)
-    return await _Detection(loop, client_sock, connect_upstream, timeout).run()
+    return await _Detection(loop, client_sock, connect_upstream, timeout, tls=tls,
+                            opaque=opaque).run()
 
 
 async def connect_tcp(
@@ -118,9 +126,14 @@ class _Detection:
         client: socket.socket,
         connect_upstream: Connector | None,
         timeout: float,
+        *,
+        tls: bool = False,
+        opaque: bool = False,
     ) -> None:
         self.loop = loop
         self.client = client
+        self.tls = tls
+        self.opaque = opaque
         self.deadline = loop.time() + timeout
         self.buffer = bytearray()
         self.upstream: socket.socket | None = None
@@ -214,14 +227,28 @@ class _Detection:
         if not data:  # half-closed before a decision: relay what there is, transparently
             return await self._finish("opaque", "client-eof")
         self.buffer += data
-        protocol = detect(bytes(self.buffer))
+        protocol = self._decide(bytes(self.buffer))
         if protocol is None:
             return None
-        return await self._finish(protocol, "detected")
+        return await self._finish(protocol, "opaque-port" if protocol == "opaque" and
+                                  self.opaque else "detected")
+
+    def _decide(self, data: bytes) -> Protocol | None:
+        if self.tls:
+            hello = detect_tls(data)
+            if hello:
+                return "tls"
+            if hello is None:
+                return None
+        if self.opaque:
+            return "opaque"
+        return detect(data)
 
     async def _finish(self, protocol: Protocol, reason: Reason) -> Classified:
-        if protocol == "opaque":
-            if self.connecting is not None:  # opaque needs the upstream: wait for it
+        if protocol in ("opaque", "tls"):
+            # Opaque needs the upstream; TLS (a peer proxy) will need it once the
+            # handshake is done, which takes longer than a connect: wait for it.
+            if self.connecting is not None:
                 task, self.connecting = self.connecting, None
                 self.upstream, self.upstream_error = await _await_connect_task(task)
             return self._result(protocol, reason)

@@ -1,6 +1,8 @@
 """The admin port (Linkerd's 4191): ``GET /metrics`` (Prometheus exposition of the
-proxy's ProxyMetrics), ``GET /ready``, ``GET /live``, and ``POST /shutdown``, accepted
-only from a loopback address, which starts the same graceful drain as SIGTERM.
+proxy's ProxyMetrics), ``GET /ready``, ``GET /live``, ``GET /identity`` (the proxy's
+identity, certificate serial and validity, issuer and trust anchors, as JSON: what
+``shoal identity show --admin`` prints), and ``POST /shutdown``, accepted only from a
+loopback address, which starts the same graceful drain as SIGTERM.
 
 One request per connection (``Connection: close``); the admin port is for probes and
 scrapes, not traffic, so it is a small StreamReader server rather than the engine.
@@ -14,8 +16,11 @@ import ipaddress
 import logging
 from collections.abc import Callable
 
+import msgspec
+from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .identity import IdentityClient
 from .runtime import Runtime
 
 log = logging.getLogger("shoal.proxy.admin")
@@ -31,6 +36,51 @@ def _response(status: bytes, body: bytes, content_type: bytes = b"text/plain") -
     return (b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type +
             b"\r\ncontent-length: " + str(len(body)).encode() +
             b"\r\nconnection: close\r\n\r\n" + body)
+
+
+class TrustAnchorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    subject: str
+    fingerprint: str  # sha256, hex
+    not_after: float  # unix seconds
+
+
+class ProxyIdentityInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /identity``: the admin port's JSON (not a bus message)."""
+
+    identity: str
+    ready: bool  # a certificate and trust anchors in hand
+    serial: str = ""  # hex
+    not_before: float = 0.0  # unix seconds
+    not_after: float = 0.0
+    refresh_count: int = 0  # renewals after the first certificate
+    issuer: str = ""  # the leaf's issuer (subject)
+    issuer_key_id: str = ""  # its authority key identifier, hex
+    trust_anchors: list[TrustAnchorInfo] = msgspec.field(default_factory=list)
+    last_error: str = ""
+
+
+def identity_info(client: IdentityClient) -> ProxyIdentityInfo:
+    status = client.status()
+    creds = client.credentials
+    issuer = key_id = ""
+    not_before = 0.0
+    if creds is not None:
+        leaf = creds.leaf
+        issuer = leaf.issuer.rfc4514_string()
+        not_before = leaf.not_valid_before_utc.timestamp()
+        try:
+            aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+            key_id = (aki.value.key_identifier or b"").hex()
+        except x509.ExtensionNotFound:
+            pass
+    return ProxyIdentityInfo(
+        identity=status.identity, ready=status.ready, serial=status.serial,
+        not_before=not_before, not_after=status.not_after,
+        refresh_count=status.refresh_count, issuer=issuer, issuer_key_id=key_id,
+        trust_anchors=[TrustAnchorInfo(subject=a.subject, fingerprint=a.fingerprint,
+                                       not_after=a.not_after.timestamp())
+                       for a in status.anchors],
+        last_error=status.last_error)
 
 
 def is_loopback(peer: object) -> bool:
@@ -78,6 +128,12 @@ class Admin:
             return _response(b"200 OK", body, CONTENT_TYPE_LATEST.encode())
         if path == b"/live":
             return _response(b"200 OK", b"live\n")
+        if path == b"/identity":
+            identity = self.runtime.identity
+            if identity is None:
+                return _response(b"404 Not Found", b"this proxy runs without identity\n")
+            return _response(b"200 OK", msgspec.json.encode(identity_info(identity)),
+                             b"application/json")
         if path == b"/ready":
             ready, why = self.runtime.readiness()
             if ready:

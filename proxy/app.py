@@ -1,6 +1,12 @@
 """The proxy process: wiring only (as linkerd2's cmd/*/main.go). Builds the runtime from
-the config, binds the listeners, starts the bus link, discovery, registration and
-telemetry (tap and metrics reports), runs the once-a-second sweeper, and stops gracefully.
+the config, binds the listeners, starts the bus link, discovery, the identity client,
+registration and telemetry (tap and metrics reports), runs the once-a-second sweeper, and
+stops gracefully.
+
+Identity (when enabled): the client certifies over the bus link as soon as the bus is
+reached (and watches ``shoal_trust``, again after every reconnect); the inbound endpoint
+is registered only once a certificate is in hand, so peers never pick a proxy that
+cannot yet answer their TLS; /ready waits for it too.
 
 Shutdown (SIGTERM, SIGINT or admin ``POST /shutdown``), in order:
 1. /ready turns 503;
@@ -8,7 +14,8 @@ Shutdown (SIGTERM, SIGINT or admin ``POST /shutdown``), in order:
    proxy keeps serving for DEREGISTER_GRACE_SECONDS so peers' proxies stop picking it;
 3. the listeners close (no new connections);
 4. idle client connections close; busy ones finish their current response, which says
-   ``Connection: close``; opaque relays and tunnels keep going;
+   ``Connection: close``; HTTP/2 connections get GOAWAY and finish the streams in flight;
+   opaque relays and tunnels keep going;
 5. after everything finished or the drain timeout, whatever is left is cut, a last
    metrics report (the drained requests' deltas) is sent, the bus link closes, and the
    process exits 0.
@@ -25,19 +32,24 @@ import time
 from collections.abc import Sequence
 
 import uvloop
+from nats.aio.client import Client
 
 from shoal.kernel.logs import setup_logging
 from shoal.schemas.endpoints import Registration
 
+from . import tls
 from .admin import Admin
 from .balance import Balancer
 from .buslink import BusLink
 from .config import SWEEP_INTERVAL_SECONDS, ProxyConfig, ServiceName, load
 from .discover import Discovery
 from .http1.client import Pool
+from .http2.client import H2Pool
+from .http2.conn import Flusher
+from .identity import IdentityClient, IdentityConfig, TokenSource
 from .inbound import Inbound
 from .listen import Handler, Listener, bind
-from .metrics import ProxyMetrics
+from .metrics import IdentityCollector, ProxyMetrics, TcpMetrics
 from .outbound import Outbound, PortMapped, Services, StaticEntry
 from .register import REGISTER_TTL_SECONDS, Registrar
 from .report import ReportIdentity
@@ -49,6 +61,27 @@ log = logging.getLogger("shoal.proxy")
 
 # While draining, how often the proxy looks whether every connection has finished.
 DRAIN_POLL_SECONDS = 0.05
+# A token file holds one token (a Kubernetes projected token is ~1 KiB); read at most this.
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+# While registration waits for the first certificate, say why this often.
+IDENTITY_WAIT_LOG_SECONDS = 30.0
+# TLS client connections' TCP series kept per peer identity before the cache starts over.
+MAX_TLS_TCP_SERIES = 1024
+
+
+def token_source(config: ProxyConfig) -> TokenSource:
+    """The bootstrap token: the environment's, or the file's, read at each request (so
+    replacing the file hands the proxy a new token without a restart)."""
+    if not config.identity_token_file:
+        token = config.identity_token
+        return lambda: token
+    path = config.identity_token_file
+
+    def read() -> str:
+        with open(path, "rb") as handle:
+            return handle.read(MAX_TOKEN_FILE_BYTES).decode("utf-8", "replace").strip()
+
+    return read
 
 
 class Proxy:
@@ -56,11 +89,13 @@ class Proxy:
         self.config = config
         self.runtime = Runtime(metrics=ProxyMetrics(),
                                local=LocalProxy(config.namespace, config.workload, config.pod),
-                               identity=config.identity)
+                               identity_name=config.identity)
         self.listeners: list[Listener] = []
-        self.pools: list[Pool] = []
+        self.pools: list[Pool | H2Pool] = []
         self.admin: Admin | None = None
         self.addresses: dict[str, tuple[str, int]] = {}
+        self._register_task: asyncio.Task[None] | None = None
+        self._tls_tcp: dict[str, TcpMetrics] = {}
 
     def request_stop(self) -> None:
         if not self.runtime.stop.is_set():
@@ -103,6 +138,14 @@ class Proxy:
         if config.bus is not None:
             runtime.link = BusLink(config.bus, f"shoal-proxy-{config.pod}")
             runtime.discovery = Discovery(runtime.link, Balancer)
+            if config.identity_enabled:
+                runtime.identity = IdentityClient(
+                    IdentityConfig(identity=config.identity, alpn_protocols=tls.SERVER_ALPN,
+                                   min_refresh_s=config.identity_min_refresh),
+                    runtime.link.request, token_source(config))
+                runtime.metrics.add_collector(
+                    IdentityCollector(runtime.identity.metric_values))
+                runtime.link.on_connect(self._identity_on_connect)
             if config.registers:
                 assert config.app_port is not None
                 runtime.registrar = Registrar(runtime.link, Registration(
@@ -119,22 +162,33 @@ class Proxy:
         pool = Pool(max_idle=config.outbound.pool_max_idle,
                     idle_timeout=config.outbound.pool_idle_timeout,
                     max_head_bytes=config.http1.max_response_head_bytes,
-                    tcp=runtime.metrics.tcp_metrics("outbound", {"peer": "dst"}))
+                    tcp=runtime.metrics.tcp_metrics("outbound", {
+                        "peer": "dst", **tls.outbound_labels("", runtime.identity is not None)}),
+                    tls_client=runtime.identity, tls_tcp=self._outbound_tls_tcp)
         self.pools.append(pool)
+        flusher = Flusher()
+        h2_outbound = H2Pool(config.http2, flusher, tcp=pool.tcp, tls_client=runtime.identity,
+                             tls_tcp=self._outbound_tls_tcp)
+        self.pools.append(h2_outbound)
         static: dict[ServiceName, StaticEntry] = {
-            item.target: StaticEntry(item.target, item.endpoints) for item in config.static}
+            item.target: StaticEntry(item.target, item.endpoints, item.identities)
+            for item in config.static}
         services = Services(discovery=runtime.discovery, static=static, pool=pool,
                             metrics=runtime.metrics, settings=config.outbound,
                             cluster_domain=config.cluster_domain)
         if config.outbound_port:
-            outbound = Outbound(config, runtime, services)
+            outbound = Outbound(config, runtime, services, h2_outbound)
             self._bind("outbound", config.listen_host, config.outbound_port, outbound.handle)
         if config.serves_inbound:
-            inbound = Inbound(config, runtime)
+            h2_inbound = H2Pool(config.http2, flusher, tcp=runtime.metrics.tcp_metrics(
+                "inbound", {"peer": "dst", "target_addr": f"{config.app_host}:{config.app_port}"}))
+            inbound = Inbound(config, runtime, h2_inbound, runtime.identity)
             self.pools.append(inbound.pool)
+            self.pools.append(h2_inbound)
             self._bind("inbound", config.inbound_host, config.inbound_port, inbound.handle)
         for mapping in config.upstreams:
-            mapped = PortMapped(mapping, config, runtime, services)
+            mapped = PortMapped(mapping, config, runtime, services, h2_outbound,
+                                runtime.identity)
             self._bind(f"upstream {mapping.local_port}={mapping.target}", config.listen_host,
                        mapping.local_port, mapped.handle)
         if config.admin_port:
@@ -151,7 +205,12 @@ class Proxy:
         if runtime.link is not None:
             await runtime.link.start()
         if runtime.registrar is not None:
-            await runtime.registrar.start()
+            if runtime.identity is None:
+                await runtime.registrar.start()
+            else:
+                self._register_task = asyncio.create_task(
+                    self._register_when_certified(runtime.registrar, runtime.identity),
+                    name="register-when-certified")
         if runtime.telemetry is not None:
             runtime.telemetry.start()
         shown = ", ".join(f"{name} {host}:{port}" for name, (host, port) in
@@ -159,6 +218,34 @@ class Proxy:
         bus = config.bus.redacted() if config.bus is not None else "none (static endpoints)"
         log.info("proxy %s/%s listening: %s; bus %s", config.namespace,
                  config.pod, shown, bus)
+
+    def _outbound_tls_tcp(self, identity: str) -> TcpMetrics:
+        """The TCP series of outbound TLS connections to peers proving ``identity``."""
+        series = self._tls_tcp.get(identity)
+        if series is None:
+            if len(self._tls_tcp) >= MAX_TLS_TCP_SERIES:
+                self._tls_tcp.clear()
+            series = self.runtime.metrics.tcp_metrics(
+                "outbound", {"peer": "dst", **tls.server_id_labels(identity)})
+            self._tls_tcp[identity] = series
+        return series
+
+    async def _identity_on_connect(self, nc: Client) -> None:
+        """After every (re)connect: watch the trust bundle again, and ask for a
+        certificate now if there is none yet (the first connect starts the client)."""
+        identity = self.runtime.identity
+        assert identity is not None
+        identity.start_trust_watch(nc)
+        await identity.start()
+        if not identity.ready:
+            identity.renew_soon()
+
+    async def _register_when_certified(self, registrar: Registrar,
+                                       identity: IdentityClient) -> None:
+        while not await identity.wait_ready(IDENTITY_WAIT_LOG_SECONDS):
+            log.warning("not registering %s yet: no certificate (%s)", identity.identity,
+                        identity.last_error or "waiting for the identity service")
+        await registrar.start()
 
     async def _sweep(self) -> None:
         runtime = self.runtime
@@ -172,6 +259,8 @@ class Proxy:
     async def _shutdown(self) -> None:
         config, runtime = self.config, self.runtime
         runtime.stop.set()
+        if self._register_task is not None:
+            self._register_task.cancel()
         if runtime.registrar is not None:
             await runtime.registrar.stop()
             await asyncio.sleep(config.deregister_grace)
@@ -204,6 +293,8 @@ class Proxy:
             await runtime.telemetry.stop()
         if self.admin is not None:
             await self.admin.close()
+        if runtime.identity is not None:
+            await runtime.identity.close()
         if runtime.discovery is not None:
             await runtime.discovery.close()
         if runtime.link is not None:

@@ -60,13 +60,14 @@ class BalancerConfig:
 class EndpointState:
     """One endpoint's live balancing state: RTT estimate, requests in flight, accrual."""
 
-    __slots__ = ("_decay_s", "_rtt_s", "_updated_at", "accrual", "endpoint", "in_flight",
-                 "key", "weight_factor")
+    __slots__ = ("_decay_s", "_rtt_s", "_updated_at", "accrual", "endpoint", "identity",
+                 "in_flight", "key", "weight_factor")
 
     def __init__(self, endpoint: Endpoint, config: BalancerConfig, accrual: FailureAccrual,
                  now: float) -> None:
         self.endpoint = endpoint
         self.key: EndpointKey = (endpoint.address, endpoint.port)
+        self.identity = endpoint.identity  # what its proxy must prove ("": no TLS)
         self.in_flight = 0
         self.accrual = accrual
         self.weight_factor = endpoint.weight / NORMAL_WEIGHT
@@ -113,6 +114,7 @@ class EndpointState:
 
     def _replace_endpoint(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        self.identity = endpoint.identity
         self.weight_factor = endpoint.weight / NORMAL_WEIGHT
 
 

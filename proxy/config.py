@@ -8,6 +8,13 @@ by spaces or ``;``. The bus comes from ``--nats`` / ``SHOAL_NATS_URL`` (with
 ``SHOAL_NATS_USER``/``SHOAL_NATS_PASSWORD``) or from the bus file ``shoal up`` writes.
 Every limit below is a named constant with the reason for its value; docs/proxy.md lists
 them all.
+
+Identity (mutual TLS between proxies) is on whenever there is a bus, unless
+``--no-identity``: the name is ``<serviceaccount>.<namespace>.serviceaccount.identity.
+<control-plane-namespace>.<trust-domain>`` (``--serviceaccount`` defaults to the
+workload), and the bootstrap token comes from ``SHOAL_PROXY_IDENTITY_TOKEN`` (no flag on
+purpose: command lines are visible to every user through ``ps``) or
+``--identity-token-file`` (read at every renewal, so replacing the file rotates it).
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal.kernel import pki
 from shoal.kernel.config import BusNotFound, BusSettings, resolve_bus
 from shoal.schemas.names import is_dns_label
 
 from .detect import DEFAULT_OPAQUE_PORTS, DETECT_TIMEOUT_SECONDS
 from .discover import INBOUND_FAILFAST_SECONDS, OUTBOUND_FAILFAST_SECONDS
+from .identity import MIN_REFRESH_SECONDS
 from .report import REPORT_INTERVAL_SECONDS
 
 ENV_PREFIX = "SHOAL_PROXY_"
@@ -34,6 +43,9 @@ DEFAULT_INBOUND_PORT = 4143
 DEFAULT_ADMIN_PORT = 4191
 DEFAULT_NAMESPACE = "default"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+# Kubernetes gives a pod without a service account the namespace's "default" one.
+DEFAULT_SERVICEACCOUNT = "default"
+IDENTITY_TOKEN_ENV = ENV_PREFIX + "IDENTITY_TOKEN"
 
 # HTTP/1 limits.
 # Request line + headers: 64 KiB, well above what browsers send (~8 KiB is nginx's
@@ -48,6 +60,36 @@ MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 # Body bytes held per request while its upstream connection is being set up; beyond
 # it reading pauses. One asyncio write-buffer high-water mark.
 MAX_PENDING_BODY_BYTES = 64 * 1024
+
+# HTTP/2 (proxy/http2/). What a peer may make the proxy hold is bounded by the windows we
+# advertise: a stream's bytes wait in the proxy only while the other side cannot take them.
+# Streams a peer may open at once per connection: RFC 9113 6.5.2 asks for at least 100;
+# h2's default is 100 and nginx's 128. Also the most streams the proxy opens on one upstream
+# connection before it opens another.
+H2_MAX_CONCURRENT_STREAMS = 100
+# Receive window per stream: the most one stream can make the proxy hold. 256 KiB keeps a
+# loopback or LAN hop streaming at hundreds of MB/s with one WINDOW_UPDATE per 128 KiB
+# (gRPC starts at 64 KiB and grows with its BDP estimate up to MBs).
+H2_STREAM_WINDOW = 256 * 1024
+# Receive window per connection: every stream's window at once, so a stalled stream never
+# blocks the others on a shared connection; the most one connection can make us hold.
+H2_CONNECTION_WINDOW = H2_MAX_CONCURRENT_STREAMS * H2_STREAM_WINDOW
+# Largest frame we accept: four times the 16 KiB default, so a large body costs a quarter
+# of the frames (each frame is several Python calls in the codec).
+H2_MAX_FRAME_SIZE = 64 * 1024
+# Header list (decoded): the HTTP/1 request head bound; h2 refuses more (ENHANCE_YOUR_CALM).
+H2_MAX_HEADER_LIST_SIZE = MAX_REQUEST_HEAD_BYTES
+# HTTP/2 connections to one endpoint (each carries up to H2_MAX_CONCURRENT_STREAMS); a
+# request finding them all full is refused with 503 rather than queued without bound.
+H2_MAX_CONNECTIONS_PER_ENDPOINT = 8
+# An upstream HTTP/2 connection without streams this long is closed: below nginx's 75 s
+# keepalive_timeout, the shortest common HTTP/2 server default, so we close first.
+H2_POOL_IDLE_TIMEOUT_SECONDS = 30.0
+# Bytes queued on a connection whose peer does not read. DATA is flow-controlled and stops
+# at the write-buffer high-water mark, so only control frames (PING and SETTINGS acks,
+# resets) grow past it; a peer that keeps sending those without reading is cut off
+# (GOAWAY ENHANCE_YOUR_CALM) past this.
+H2_MAX_WRITE_BACKLOG = 4 * 1024 * 1024
 
 # Timeouts (seconds).
 # Connecting to an endpoint: Linkerd's outbound 1 s and inbound 100 ms (the app is local).
@@ -108,6 +150,18 @@ class Http1Settings:
 
 
 @dataclass(frozen=True)
+class Http2Settings:
+    max_concurrent_streams: int = H2_MAX_CONCURRENT_STREAMS
+    stream_window: int = H2_STREAM_WINDOW
+    connection_window: int = H2_CONNECTION_WINDOW
+    max_frame_size: int = H2_MAX_FRAME_SIZE
+    max_header_list_size: int = H2_MAX_HEADER_LIST_SIZE
+    max_connections_per_endpoint: int = H2_MAX_CONNECTIONS_PER_ENDPOINT
+    pool_idle_timeout: float = H2_POOL_IDLE_TIMEOUT_SECONDS
+    max_write_backlog: int = H2_MAX_WRITE_BACKLOG
+
+
+@dataclass(frozen=True)
 class DirectionSettings:
     """Connecting to endpoints, per direction (Linkerd's outbound and inbound differ)."""
 
@@ -137,11 +191,13 @@ class PortMapping:
 
 @dataclass(frozen=True)
 class StaticService:
-    """``--static-endpoint service.namespace=HOST:PORT[,HOST:PORT]``: endpoints known
-    without discovery (benchmarks, a proxy without a bus)."""
+    """``--static-endpoint service.namespace=HOST:PORT[@IDENTITY][,...]``: endpoints known
+    without discovery (benchmarks, a proxy without a bus). ``@IDENTITY`` says the
+    endpoint is a meshed proxy with that identity (mutual TLS to it)."""
 
     target: ServiceName
     endpoints: tuple[tuple[str, int], ...]
+    identities: tuple[str, ...] = ()  # one per endpoint ("": none); empty: none at all
 
 
 @dataclass(frozen=True)
@@ -150,7 +206,11 @@ class ProxyConfig:
     service: str = ""
     workload: str = ""
     pod: str = ""
-    identity: str = ""
+    identity: str = ""  # this proxy's identity name; "" runs without identity (no TLS)
+    serviceaccount: str = ""
+    identity_token: str = field(default="", repr=False)  # a secret: kept out of reprs
+    identity_token_file: str = ""
+    identity_min_refresh: float = MIN_REFRESH_SECONDS
     listen_host: str = "127.0.0.1"
     inbound_host: str = "127.0.0.1"
     admin_host: str = "127.0.0.1"
@@ -169,6 +229,7 @@ class ProxyConfig:
     tap: bool = True  # False: tap compiled out (the registry is a constant False)
     report_interval: float = REPORT_INTERVAL_SECONDS
     http1: Http1Settings = field(default_factory=Http1Settings)
+    http2: Http2Settings = field(default_factory=Http2Settings)
     outbound: DirectionSettings = field(default_factory=lambda: DirectionSettings(
         OUTBOUND_CONNECT_TIMEOUT_SECONDS, OUTBOUND_FAILFAST_SECONDS))
     inbound: DirectionSettings = field(default_factory=lambda: DirectionSettings(
@@ -178,6 +239,10 @@ class ProxyConfig:
     deregister_grace: float = DEREGISTER_GRACE_SECONDS
     max_connections: int = MAX_CONNECTIONS
     log_level: str = "info"
+
+    @property
+    def identity_enabled(self) -> bool:
+        return bool(self.identity)
 
     @property
     def serves_inbound(self) -> bool:
@@ -230,12 +295,19 @@ def parse_static(text: str, default_namespace: str) -> StaticService:
         raise ConfigError(
             f"--static-endpoint {text!r}: expected service.namespace=HOST:PORT[,HOST:PORT]")
     endpoints = []
+    identities = []
     for item in rest.split(","):
-        host, _, port = item.strip().rpartition(":")
+        address, _, identity = item.strip().partition("@")
+        host, _, port = address.rpartition(":")
         if not host:
             raise ConfigError(f"--static-endpoint {text!r}: {item!r} is not HOST:PORT")
+        if identity and not all(is_dns_label(label) for label in identity.lower().split(".")):
+            raise ConfigError(f"--static-endpoint {text!r}: {identity!r} is not an identity "
+                              "name (a DNS name)")
         endpoints.append((host.strip("[]"), _port(port, f"--static-endpoint {text!r}")))
-    return StaticService(parse_service(name, default_namespace), tuple(endpoints))
+        identities.append(identity.lower())
+    return StaticService(parse_service(name, default_namespace), tuple(endpoints),
+                         tuple(identities) if any(identities) else ())
 
 
 def parse_ports(text: str) -> frozenset[int]:
@@ -273,7 +345,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--service", "", "service this workload serves (local mode registers it)")
     add("--workload", "", "workload (deployment) name (default: the service)")
     add("--pod", "", "instance name (default: <workload>-<hostname>-<pid>)")
-    add("--identity", "", "identity name (mTLS comes with the identity issue)")
+    add("--identity", "", "identity name (default: <serviceaccount>.<namespace>."
+        "serviceaccount.identity.<control-plane-namespace>.<trust-domain>)")
+    add("--serviceaccount", "", "service account the identity is named after (default: "
+        "the workload)")
+    add("--trust-domain", pki.DEFAULT_TRUST_DOMAIN, "identity trust domain")
+    add("--control-plane-namespace", pki.DEFAULT_CONTROL_PLANE_NAMESPACE,
+        "control-plane namespace in identity names")
+    add("--identity-token-file", "", "file holding the bootstrap token, read at every "
+        f"renewal (or the token itself in {IDENTITY_TOKEN_ENV})")
+    add("--identity-min-refresh", MIN_REFRESH_SECONDS, "renew the certificate no sooner "
+        "than this, s (Linkerd's 10 s; lower only for short-lived test leaves)", float)
+    parser.add_argument("--no-identity", action="store_true",
+                        default=environ.get(_env_name("no_identity"), "") not in
+                        ("", "0", "false"),
+                        help="no certificate and no mutual TLS: plaintext to every peer "
+                             "(tests, benchmarks)")
     add("--listen-host", "127.0.0.1", "address of the outbound and port-mapped listeners")
     add("--inbound-host", "127.0.0.1", "address of the inbound listener")
     add("--admin-host", "127.0.0.1", "address of the admin listener")
@@ -396,11 +483,18 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Pr
             if not static:
                 raise ConfigError(f"{error} (or run with --no-bus and --static-endpoint)") \
                     from None
+    identity, token, token_file = _identity(args, environ, namespace, workload,
+                                            enabled=bus is not None and not args.no_identity)
+    _positive(args.identity_min_refresh, "--identity-min-refresh")
     advertise = args.advertise_address or (
         args.inbound_host if args.inbound_host not in ("0.0.0.0", "::", "") else "127.0.0.1")
     return ProxyConfig(
         namespace=namespace, service=service, workload=workload, pod=pod,
-        identity=args.identity, listen_host=args.listen_host, inbound_host=args.inbound_host,
+        identity=identity, serviceaccount=str(args.serviceaccount or workload or
+                                              DEFAULT_SERVICEACCOUNT),
+        identity_token=token, identity_token_file=token_file,
+        identity_min_refresh=args.identity_min_refresh,
+        listen_host=args.listen_host, inbound_host=args.inbound_host,
         admin_host=args.admin_host, advertise_address=advertise,
         outbound_port=args.outbound_port, inbound_port=args.inbound_port,
         admin_port=args.admin_port, app_host=args.app_host, app_port=args.app_port,
@@ -424,6 +518,37 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Pr
         detect_timeout=args.detect_timeout, drain_timeout=args.drain_timeout,
         max_connections=args.max_connections, log_level=args.log_level,
     )
+
+
+def _identity(args: argparse.Namespace, environ: Mapping[str, str], namespace: str,
+              workload: str, enabled: bool) -> tuple[str, str, str]:
+    """(identity name, token, token file), or ("", "", "") when identity is off."""
+    if not enabled:
+        return "", "", ""
+    try:
+        scheme = pki.NameScheme(str(args.control_plane_namespace).lower(),
+                                str(args.trust_domain).strip(".").lower())
+        if args.identity:
+            name = str(args.identity).lower()
+            parsed = scheme.parse(name)
+        else:
+            serviceaccount = str(args.serviceaccount or workload or DEFAULT_SERVICEACCOUNT)
+            name = scheme.identity(serviceaccount.lower(), namespace)
+            parsed = scheme.parse(name)
+    except pki.InvalidIdentityName as error:
+        raise ConfigError(f"identity: {error}") from None
+    token = environ.get(IDENTITY_TOKEN_ENV, "").strip()
+    token_file = str(args.identity_token_file)
+    if token_file:
+        path = Path(token_file)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(f"--identity-token-file {token_file}: not a readable file")
+    elif not token:
+        raise ConfigError(
+            f"identity {name} needs a bootstrap token: set {IDENTITY_TOKEN_ENV} or "
+            f"--identity-token-file (mint one with `shoal identity token -n "
+            f"{parsed.namespace} -s {parsed.serviceaccount}`), or run with --no-identity")
+    return name, token, token_file
 
 
 def load(argv: Sequence[str] | None = None,

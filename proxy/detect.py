@@ -16,6 +16,12 @@ Rules (the decision is made as early as the bytes allow):
 A request line longer than MAX_DETECT_BYTES that still looks like one is ``http1``: the
 HTTP/1 front end then answers it (414/400) instead of the proxy passing an over-long
 request line to the application unchecked.
+
+TLS is a separate question (``detect_tls``), asked only where the proxy may terminate
+TLS (the inbound side, where other proxies connect with mutual TLS): a TLS record header
+carrying a ClientHello, ``0x16 0x03 0x00-0x04 <length> 0x01`` (RFC 8446 5.1 and 4: the
+record type handshake, a legacy record version 3.x, the handshake type client_hello).
+``detect`` itself calls a ClientHello opaque, which is right for every other room.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from __future__ import annotations
 import re
 from typing import Final, Literal
 
-Protocol = Literal["http1", "http2", "opaque"]
+# "tls" only comes from ``detect_tls`` (shoal.proxy.accept.classify with tls=True).
+Protocol = Literal["http1", "http2", "opaque", "tls"]
 
 # Linkerd waits 10 s for the first bytes before falling back to opaque. Shoal keeps the
 # number because it no longer stalls anyone: a server that speaks first ends detection at
@@ -51,6 +58,15 @@ DEFAULT_OPAQUE_PORTS: Final = frozenset(
 
 # RFC 9113 section 3.4: the client connection preface starts with this exact sequence.
 HTTP2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# RFC 8446 5.1: ContentType handshake(22), legacy_record_version 0x0301 (an initial
+# ClientHello may say TLS 1.0) or 0x0303; 0x0300-0x0304 are accepted as 3.x. Then the
+# record length (2 bytes) and the handshake type client_hello(1) (RFC 8446 4).
+TLS_RECORD_HANDSHAKE: Final = 0x16
+TLS_MAJOR_VERSION: Final = 0x03
+TLS_MAX_MINOR_VERSION: Final = 0x04
+TLS_HANDSHAKE_CLIENT_HELLO: Final = 0x01
+TLS_DETECT_BYTES: Final = 6
 
 _HTTP1_VERSIONS: Final = (b"HTTP/1.1\r\n", b"HTTP/1.0\r\n")
 _CRLF: Final = b"\r\n"
@@ -112,3 +128,17 @@ def _run_end(run: re.Pattern[bytes], data: bytes, pos: int) -> int:
     """Where the run of characters matched by ``run`` that starts at ``pos`` ends."""
     match = run.match(data, pos)
     return match.end() if match else pos
+
+
+def detect_tls(data: bytes) -> bool | None:
+    """True: ``data`` starts with a TLS record carrying a ClientHello; False: it cannot;
+    None: it is a prefix of such a start (read more)."""
+    checks = (
+        len(data) < 1 or data[0] == TLS_RECORD_HANDSHAKE,
+        len(data) < 2 or data[1] == TLS_MAJOR_VERSION,
+        len(data) < 3 or data[2] <= TLS_MAX_MINOR_VERSION,
+        len(data) < 6 or data[5] == TLS_HANDSHAKE_CLIENT_HELLO,
+    )
+    if not all(checks):
+        return False
+    return True if len(data) >= TLS_DETECT_BYTES else None

@@ -8,13 +8,17 @@ Nothing else in the proxy writes an error response.
 
 Statuses (docs/proxy.md, "Errors"): malformed request 400, request target too long 414,
 headers over the limit 431, request head too slow 408, unknown service 503, no endpoints
-after fail-fast 503, upstream refused or reset 502, upstream connect or response timeout
-504.
+after fail-fast 503, no certificate yet 503, upstream refused or reset 502, the
+endpoint's certificate not for the identity discovery named 502, TLS handshake failed
+502, upstream connect or response timeout 504.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+from .http2.grpc import from_http as grpc_from_http
+from .http2.grpc import percent_encode
 
 ERROR_HEADER = b"shoal-proxy-error"
 LINKERD_ERROR_HEADER = b"l5d-proxy-error"
@@ -30,6 +34,8 @@ class ProxyError(Exception):
     reason: ClassVar[bytes] = b"Bad Gateway"
     # True: the peer broke the protocol, so the connection cannot be trusted any more.
     fatal: ClassVar[bool] = False
+    # What a gRPC client sees (None: mapped from ``status``, see http2/grpc.py).
+    grpc_status: ClassVar[int | None] = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -77,10 +83,35 @@ class NoEndpoints(ProxyError):
     status, reason = 503, b"Service Unavailable"
 
 
-class UpstreamRefused(ProxyError):
+class EndpointConnectError(ProxyError):
+    """Connecting to an endpoint failed before any request byte was sent, so the request
+    may go to another endpoint (the balancer counts a failure against this one)."""
+
+
+class UpstreamRefused(EndpointConnectError):
     """Connecting to the endpoint failed (refused, unreachable)."""
 
     status, reason = 502, b"Bad Gateway"
+
+
+class UpstreamIdentityMismatch(EndpointConnectError):
+    """The endpoint's certificate does not carry the identity discovery said it has (or
+    does not chain to the trust anchors): nothing was sent to it."""
+
+    status, reason = 502, b"Bad Gateway"
+
+
+class UpstreamTlsFailed(EndpointConnectError):
+    """The TLS handshake with the endpoint's proxy failed for another reason."""
+
+    status, reason = 502, b"Bad Gateway"
+
+
+class IdentityUnavailable(ProxyError):
+    """This proxy has no certificate yet, so it cannot open mutual TLS to a meshed
+    endpoint (it is not ready either: /ready says so)."""
+
+    status, reason = 503, b"Service Unavailable"
 
 
 class UpstreamReset(ProxyError):
@@ -95,7 +126,7 @@ class UpstreamMalformed(ProxyError):
     status, reason = 502, b"Bad Gateway"
 
 
-class UpstreamConnectTimeout(ProxyError):
+class UpstreamConnectTimeout(EndpointConnectError):
     status, reason = 504, b"Gateway Timeout"
 
 
@@ -103,6 +134,18 @@ class ResponseTimeout(ProxyError):
     """No response head from the endpoint within the response timeout."""
 
     status, reason = 504, b"Gateway Timeout"
+
+
+class DeadlineExceeded(ProxyError):
+    """The request's ``grpc-timeout`` passed before its response ended."""
+
+    status, reason, grpc_status = 504, b"Gateway Timeout", 4
+
+
+class EndpointBusy(ProxyError):
+    """Every HTTP/2 connection to the endpoint carries its maximum of streams."""
+
+    status, reason = 503, b"Service Unavailable"
 
 
 def _header_text(message: str) -> bytes:
@@ -128,3 +171,21 @@ def render(error: ProxyError, *, close: bool, head_only: bool = False) -> bytes:
     if not head_only:
         parts.append(body)
     return b"".join(parts)
+
+
+def render_h2(error: ProxyError, grpc: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(headers, body) of the HTTP/2 answer for ``error``. A gRPC request gets a
+    trailers-only response (HTTP 200, ``grpc-status``, ``grpc-message``, no body), the way
+    Linkerd answers gRPC clients; others get the status and the text body."""
+    text = _header_text(error.message)
+    if grpc:
+        code = error.grpc_status if error.grpc_status is not None else grpc_from_http(
+            error.status)
+        return [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"%d" % code), (b"grpc-message", percent_encode(error.message)),
+                (ERROR_HEADER, text), (LINKERD_ERROR_HEADER, text)], b""
+    body = text + b"\n"
+    return [(b":status", b"%d" % error.status),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)), (ERROR_HEADER, text),
+            (LINKERD_ERROR_HEADER, text)], body

@@ -1,6 +1,6 @@
 """Listening sockets and what every room does with an accepted connection once its
-protocol is known: HTTP/1 goes to the engine's Protocol, HTTP/2 is refused for now,
-opaque bytes are relayed at kernel speed.
+protocol is known: HTTP/1 goes to the engine's Protocol (HTTP/2 has its own in
+http2/server.py), opaque bytes are relayed at kernel speed.
 
 The accept loop takes raw non-blocking sockets (``loop.sock_accept``) because detection
 (accept.classify) must read the first bytes itself, and may need to connect upstream in
@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 
 from .accept import ClientReset
 from .http1.client import Pool, UpstreamProtocol
-from .http1.framing import HTTP2_REFUSAL
 from .http1.server import ServerContext, ServerProtocol
 from .route import EndpointKey
 from .runtime import Runtime
@@ -31,9 +30,6 @@ log = logging.getLogger("shoal.proxy")
 LISTEN_BACKLOG = 1024
 # Out of file descriptors or memory: accepting again at once would spin; wait this long.
 ACCEPT_BACKOFF_SECONDS = 0.1
-# A refused HTTP/2 client gets this long, and this many bytes, to read the GOAWAY and close.
-REFUSAL_LINGER_SECONDS = 1.0
-REFUSAL_DRAIN_BYTES = 64 * 1024
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Handler = Callable[[socket.socket], Awaitable[None]]
@@ -111,25 +107,6 @@ async def serve_http1(client: socket.socket, ctx: ServerContext, initial: bytes)
     (fed in connection_made, before the transport reads anything else)."""
     loop = asyncio.get_running_loop()
     await loop.connect_accepted_socket(lambda: ServerProtocol(ctx, initial), client)
-
-
-async def refuse_http2(client: socket.socket) -> None:
-    """HTTP/2 comes with the next issue: a SETTINGS + GOAWAY(HTTP_1_1_REQUIRED), then close
-    (framing.HTTP2_REFUSAL). What the client already sent is read and dropped for a moment
-    first, so the close is a FIN the client reads after the GOAWAY, not a reset that
-    would hide it."""
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(OSError, TimeoutError):
-        await loop.sock_sendall(client, HTTP2_REFUSAL)
-        client.shutdown(socket.SHUT_WR)
-        async with asyncio.timeout(REFUSAL_LINGER_SECONDS):
-            drained = 0
-            while drained < REFUSAL_DRAIN_BYTES:
-                data = await loop.sock_recv(client, 16 * 1024)
-                if not data:
-                    break
-                drained += len(data)
-    client.close()
 
 
 async def adopt(pool: Pool, key: EndpointKey, upstream: socket.socket) -> None:

@@ -14,6 +14,9 @@ Exposition (``collector()``, ``registry()``), as Linkerd's proxy does:
   milliseconds, against Prometheus's base-unit rule, so existing dashboards work.
 - ``tcp_open_total``, ``tcp_close_total`` (``classification``), ``tcp_open_connections``,
   ``tcp_read_bytes_total``, ``tcp_write_bytes_total``.
+- ``identity_cert_expiration_timestamp_seconds`` (gauge) and ``identity_cert_refresh_count``
+  (untyped: Linkerd's name has no ``_total``, which prometheus-client would append to a
+  counter family), from the proxy's identity (``IdentityCollector``).
 Each series carries ``direction`` plus the labels the caller gave (``authority``,
 ``dst_namespace``, ``dst_service``, ``dst_workload``, ``tls``, ``client_id``,
 ``server_id``, ``no_tls_reason``, ``route``, ``peer`` ...).
@@ -32,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, cast
 
 from prometheus_client.core import CollectorRegistry, Metric
@@ -211,6 +214,13 @@ class ProxyMetrics:
         self._tcp_overflow: dict[LabelKey, TcpMetrics] = {}
         self.overflowed = {"request": 0, "tcp": 0}
         self._registry: CollectorRegistry | None = None
+        self._extra: list[Collector] = []
+
+    def add_collector(self, collector: Collector) -> None:
+        """Expose another family set on the same ``/metrics`` (the identity's values)."""
+        self._extra.append(collector)
+        if self._registry is not None:
+            self._registry.register(collector)
 
     def request_metrics(self, direction: str, labels: Mapping[str, str]) -> RequestMetrics:
         """The series for a label set (cached; look it up once per connection/route)."""
@@ -263,6 +273,8 @@ class ProxyMetrics:
         if self._registry is None:
             self._registry = CollectorRegistry(auto_describe=False)
             self._registry.register(self.collector())
+            for collector in self._extra:
+                self._registry.register(collector)
         return self._registry
 
     def snapshot_deltas(self) -> tuple[list[RequestRow], list[TcpRow]]:
@@ -421,3 +433,28 @@ def _add_histogram(metric: Metric, labels: dict[str, str], buckets: list[int],
         metric.add_sample("response_latency_ms_bucket", {**labels, "le": le}, cumulative)
     metric.add_sample("response_latency_ms_count", labels, cumulative)
     metric.add_sample("response_latency_ms_sum", labels, total)
+
+
+class IdentityCollector(Collector):
+    """The proxy identity's values (``IdentityClient.metric_values``) at scrape time."""
+
+    EXPIRATION = "identity_cert_expiration_timestamp_seconds"
+    REFRESHES = "identity_cert_refresh_count"
+
+    def __init__(self, values: Callable[[], Mapping[str, float]]) -> None:
+        self._values = values
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._values()
+        expiration = Metric(self.EXPIRATION, "The NotAfter of the proxy's current leaf "
+                            "certificate, unix seconds (0 before the first)", "gauge")
+        expiration.add_sample(self.EXPIRATION, {}, values.get(self.EXPIRATION, 0.0))
+        # "unknown" is exposed as untyped: Linkerd's name, without a _total suffix.
+        refreshes = Metric(self.REFRESHES, "Certificates renewed after the first one",
+                           "unknown")
+        refreshes.add_sample(self.REFRESHES, {}, values.get(self.REFRESHES, 0.0))
+        yield expiration
+        yield refreshes

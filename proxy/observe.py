@@ -14,8 +14,9 @@ How an engine uses them (the HTTP/1 engine in http1/server.py; HTTP/2 the same w
     obs.response_end(trailers)                           # complete (grpc-status inside)
     obs.fail(status_or_0, reset_error)                   # instead, at any point
 
-A TLS layer sets ``conn.tls``, ``conn.client_identity`` and ``conn.client_workload``
-(``b"ns/workload"``, from the peer's verified identity) on the connection observer.
+A TLS layer hands the engine ``observer.for_client(identity)`` instead of the room's
+observer: its connections have ``tls`` set, the client's verified identity and the
+caller ``b"ns/workload"`` read from it (``workload_of_identity``).
 
 Cost on the hot path, in order of what every request pays:
 - a route label from the method and path (``RouteTable``: one dict lookup when seen
@@ -32,21 +33,26 @@ long hex, very long tokens) shown as ``{id}``; gRPC is the full method path
 ``/pkg.Service/Method``. At most ``MAX_ROUTES`` distinct labels per room; later ones are
 ``"METHOD [other]"``. Policy route names replace these when policy reaches the proxy.
 
-The caller's workload: outbound, the proxy stamps ``shoal-client-workload: ns/workload``
-on every request it forwards (``Observer.stamp``); inbound, the proxy reads it (the HTTP/1
-engine strips it before the app sees it) and labels the inbound series and tap events
-with it. It is trusted only until mutual TLS gives the caller's identity, which then
-takes precedence (``ConnectionObserver.client_workload``, set by the TLS layer).
+The caller's workload: inbound, over mutual TLS it comes from the client's certificate:
+an identity ``<serviceaccount>.<namespace>.serviceaccount.identity...`` names the caller
+``namespace/serviceaccount`` (a proxy's service account defaults to its workload name).
+For plaintext meshed hops (a proxy without identity, or an endpoint discovery gave no
+identity) there is a fallback: outbound, the proxy stamps ``shoal-client-workload:
+ns/workload`` on every request it forwards (``Observer.stamp``); inbound, the proxy reads
+it (the engines strip it before the app sees it) and labels the inbound series and tap
+events with it. The identity always wins over the header (``ConnectionObserver.request``).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
+from shoal.kernel.pki import IDENTITY_LABEL
 from shoal.schemas.names import is_dns_label
 from shoal.schemas.tap import Direction, Peer
 
@@ -182,6 +188,21 @@ def parse_client_workload(value: bytes | None) -> tuple[str, str] | None:
     return namespace, workload
 
 
+_IDENTITY_MARKER = f".{IDENTITY_LABEL}.identity."
+
+
+def workload_of_identity(identity: str) -> bytes | None:
+    """``sa.ns.serviceaccount.identity.<cp-ns>.<td>`` -> ``b"ns/sa"`` (the caller as
+    ``parse_client_workload`` reads it); None for a name outside that scheme."""
+    at = identity.rfind(_IDENTITY_MARKER)
+    if at <= 0:
+        return None
+    serviceaccount, _, namespace = identity[:at].rpartition(".")
+    if not is_dns_label(namespace) or not is_dns_label(serviceaccount):
+        return None
+    return f"{namespace}/{serviceaccount}".encode()
+
+
 class RouteSeries:
     """One room's request series by (route, caller): what ``FixedTarget(series=...)``
     asks per request, one dict lookup once a combination was seen. The caller's
@@ -249,6 +270,10 @@ class Observer:
         # Connection numbers are per proxy (shared by rooms), as Linkerd's tap ids.
         self._ids = connection_ids or itertools.count(1)
         self.stamp: Header | None = None
+        # What every connection of this observer knows of its client (``for_client``).
+        self.client_tls = False
+        self.client_identity = ""
+        self.client_workload: bytes | None = None
         if direction == "outbound" and self.local.workload:
             value = f"{self.local.namespace}/{self.local.workload}".encode()
             self.stamp = (CLIENT_WORKLOAD_HEADER, value)
@@ -256,6 +281,16 @@ class Observer:
     def connection(self, transport: object) -> ConnectionObserver:
         """A client connection was accepted; ``transport`` answers ``get_extra_info``."""
         return ConnectionObserver(self, next(self._ids), transport)
+
+    def for_client(self, identity: str) -> Observer:
+        """The hooks for connections from a client that proved ``identity`` over mutual
+        TLS: the same room (routes, tap, connection numbers), with ``tls`` set and the
+        caller taken from the identity rather than from a header."""
+        view = copy.copy(self)
+        view.client_tls = True
+        view.client_identity = identity
+        view.client_workload = workload_of_identity(identity)
+        return view
 
     def local_peer(self, address: str = "", port: int = 0) -> Peer:
         local = self.local
@@ -275,9 +310,9 @@ class ConnectionObserver:
         self.id = conn_id
         self.transport = transport
         self.streams = 0
-        self.tls = False
-        self.client_identity = ""
-        self.client_workload: bytes | None = None  # from the TLS identity, once mTLS is on
+        self.tls = observer.client_tls
+        self.client_identity = observer.client_identity
+        self.client_workload = observer.client_workload  # from the TLS identity
         self._source_peer: Peer | None = None  # built on the first tapped request
         self._source_key: bytes | None = None
 

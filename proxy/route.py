@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 EndpointKey = tuple[str, int]
 
-# Until mTLS (the identity issue) every connection is plaintext, labelled as Linkerd
-# labels a proxy whose identity is disabled.
+# The labels of a connection without TLS because the proxy runs without identity
+# (--no-identity, or no bus); proxy/tls.py has the labels of every other case.
 TLS_LABELS = {"tls": "no_identity", "no_tls_reason": "disabled"}
 
 
@@ -58,10 +58,14 @@ class TcpCounter(Protocol):
 
 
 class EndpointRef(Protocol):
-    """What a Target hands out: at least the address to connect to."""
+    """What a Target hands out: at least the address to connect to, and the identity its
+    proxy must prove ("" for an endpoint without one: plaintext)."""
 
     @property
     def key(self) -> EndpointKey: ...
+
+    @property
+    def identity(self) -> str: ...
 
 
 class Target(Protocol):
@@ -99,10 +103,11 @@ class Target(Protocol):
 
 
 class FixedEndpoint:
-    __slots__ = ("key",)
+    __slots__ = ("identity", "key")
 
-    def __init__(self, key: EndpointKey) -> None:
+    def __init__(self, key: EndpointKey, identity: str = "") -> None:
         self.key = key
+        self.identity = identity
 
 
 class NullRequestCounter:

@@ -5,8 +5,9 @@ handling accepted connections, and the readiness and drain state that admin repo
 Every room gets its metrics-and-tap hooks from ``observer()``.
 
 Readiness (``/ready``) means "has its configuration": the listeners are bound and, when a
-bus is configured, the bus was reached at least once (discovery can answer) and, in local
-mode, the first registration heartbeat went out. After that the proxy stays ready when
+bus is configured, the bus was reached at least once (discovery can answer), with
+identity the proxy holds a certificate and trust anchors, and, in local mode, the first
+registration heartbeat went out. After that the proxy stays ready when
 the bus goes away, because it keeps serving from what it last knew (fail static). It is
 not ready again once draining has begun. Without a bus (static endpoints only) it is
 ready as soon as it listens.
@@ -24,6 +25,7 @@ from shoal.schemas.tap import Direction
 from .buslink import BusLink
 from .discover import Discovery
 from .http1.server import Connections
+from .identity import IdentityClient
 from .metrics import ProxyMetrics
 from .observe import TAP_OFF, Observer, TapSwitch
 from .register import Registrar
@@ -37,10 +39,11 @@ class Runtime:
     link: BusLink | None = None
     discovery: Discovery | None = None
     registrar: Registrar | None = None
+    identity: IdentityClient | None = None
     telemetry: Telemetry | None = None
     tap: TapSwitch = TAP_OFF  # the registry when tap is on (``active`` read per request)
     local: LocalProxy = field(default_factory=lambda: LocalProxy("", "", ""))
-    identity: str = ""
+    identity_name: str = ""  # this proxy's identity name ("" without identity)
     # Connection numbers shared by every room: tap ids are <connection>:<stream>.
     connection_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     connections: Connections = field(default_factory=Connections)
@@ -54,8 +57,8 @@ class Runtime:
 
     def observer(self, direction: Direction) -> Observer:
         """A room's metrics-and-tap hooks (observe.Observer)."""
-        return Observer(direction, tap=self.tap, local=self.local, identity=self.identity,
-                        connection_ids=self.connection_ids)
+        return Observer(direction, tap=self.tap, local=self.local,
+                        identity=self.identity_name, connection_ids=self.connection_ids)
 
     def connection_count(self) -> int:
         return len(self.connections.live) + len(self.tasks)
@@ -72,6 +75,10 @@ class Runtime:
             return False, "listeners not bound yet"
         if self.link is not None and self.link.connects == 0:
             return False, "bus not reached yet"
+        identity = self.identity
+        if identity is not None and not identity.ready:
+            why = identity.last_error or "waiting for the identity service"
+            return False, f"no certificate yet ({why})"
         if self.registrar is not None and self.registrar.sent == 0:
             return False, "not registered yet"
         return True, ""

@@ -95,10 +95,12 @@ class Child:
 
 
 class ProxyProcess(Child):
-    """``python -m shoal.proxy`` with its own free ports unless given."""
+    """``python -m shoal.proxy`` with its own free ports unless given; ``--no-identity``
+    unless ``identity`` (then the environment must carry a token)."""
 
     def __init__(self, name: str, env: dict[str, str], log_dir: Path, *args: str,
-                 outbound: bool = True, app_port: int | None = None) -> None:
+                 outbound: bool = True, app_port: int | None = None,
+                 identity: bool = False) -> None:
         admin, out, inbound = free_ports(3)
         self.admin_port = admin
         self.outbound_port = out if outbound else 0
@@ -106,6 +108,8 @@ class ProxyProcess(Child):
         argv = [sys.executable, "-m", "shoal.proxy", "--admin-port", str(self.admin_port),
                 "--outbound-port", str(self.outbound_port),
                 "--inbound-port", str(self.inbound_port), "--log-level", "info", *args]
+        if not identity:  # plaintext unless the test brings an identity service and a token
+            argv.append("--no-identity")
         if app_port is not None:
             argv += ["--app-port", str(app_port)]
         super().__init__(name, argv, env, log_dir)

@@ -218,14 +218,6 @@ def test_retryable_requests() -> None:
     assert not f.is_retryable(request([(b"Content-Length", b"3")], method=b"PUT"))
 
 
-def test_http2_refusal_is_settings_then_goaway_http_1_1_required() -> None:
-    frame = f.HTTP2_REFUSAL
-    assert frame[:9] == b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS
-    length = int.from_bytes(frame[9:12], "big")
-    assert frame[12] == 0x07 and len(frame) == 9 + 9 + length  # GOAWAY
-    assert int.from_bytes(frame[18 + 4:18 + 8], "big") == 0x0D  # HTTP_1_1_REQUIRED
-
-
 # -- errors --------------------------------------------------------------------------------
 
 

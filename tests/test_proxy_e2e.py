@@ -270,13 +270,15 @@ async def test_no_endpoints_fails_fast(mesh: Mesh, operator: Client) -> None:
     assert 0.9 < elapsed < 5  # --failfast-timeout 1 on this proxy
 
 
-def test_http2_prior_knowledge_is_refused_cleanly(mesh: Mesh) -> None:
-    result = _curl("-v", "--http2-prior-knowledge", "-H", f"Host: web.{NS}", f"{mesh.url}/",
-                   timeout=10)
-    assert result.returncode != 0
-    # curl 7.88 spells it "recveived GOAWAY, error=13" (13: HTTP_1_1_REQUIRED).
-    assert b"GOAWAY, error=13" in result.stderr, result.stderr
-    # The proxy is unharmed.
+def test_http2_to_an_http1_only_app_is_a_502(mesh: Mesh) -> None:
+    """HTTP/2 goes to the app as HTTP/2 (no downgrade, docs/proxy.md): an app that only
+    speaks HTTP/1.1 answers the preface with an error, which the client sees as a 502
+    with the reason, and the proxy is unharmed (tests/test_proxy_h2.py covers h2 apps)."""
+    result = _curl("-sS", "-D", "-", "--http2-prior-knowledge", "-H", f"Host: web.{NS}",
+                   f"{mesh.url}/", timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"HTTP/2 502"), result.stdout
+    assert b"shoal-proxy-error:" in result.stdout
     assert _curl("-H", f"Host: web.{NS}", f"{mesh.url}/").stdout == b"hello from web\n"
 
 

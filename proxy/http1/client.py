@@ -10,6 +10,12 @@ the server is closing. When that race happens anyway the engine retries idempote
 requests without a body once on a fresh connection (framing.is_retryable).
 
 After a 101 or a CONNECT the same object relays opaque bytes (``tunnel``).
+
+Endpoints with an identity (meshed: their proxy has a certificate) are reached over
+mutual TLS when the pool has TLS (``tls``, the proxy's identity): TCP connect, then the
+handshake offering ALPN ``shoal.http1``, checking that the certificate is exactly for the
+identity discovery gave. Pooled connections remember that identity, and ``take`` only
+returns a connection made for the identity asked for.
 """
 
 from __future__ import annotations
@@ -17,14 +23,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from ..errors import ProxyError, UpstreamConnectTimeout, UpstreamMalformed, UpstreamRefused
+from .. import tls
+from ..accept import connect_tcp
+from ..errors import (
+    IdentityUnavailable,
+    ProxyError,
+    UpstreamConnectTimeout,
+    UpstreamIdentityMismatch,
+    UpstreamMalformed,
+    UpstreamRefused,
+    UpstreamTlsFailed,
+)
+from ..identity import IdentityError, PeerIdentityMismatch, check_peer_identity
 from ..route import EndpointKey, NullTcpCounter, TcpCounter
 from .flow import PEER_FULL, WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, ReadGate
 from .framing import RESPONSE_FIELDS, FieldScan
+
+# What a client proxy offers in ALPN on the HTTP/1 connections it opens to peers.
+HTTP1_ALPN = (tls.ALPN_HTTP1,)
 
 if TYPE_CHECKING:
     from .server import ServerProtocol
@@ -34,14 +56,17 @@ log = logging.getLogger("shoal.proxy.http1")
 
 class UpstreamProtocol(asyncio.Protocol):
     __slots__ = (
-        "_reason", "closed", "eof", "gate", "idle_since", "in_pool", "key", "max_head_bytes",
-        "on_header", "owner", "parser", "pool", "read_until_close", "response_started",
-        "reused", "scan", "stale", "transport", "tunnel", "write_paused",
+        "_reason", "closed", "eof", "gate", "identity", "idle_since", "in_pool", "key",
+        "max_head_bytes", "on_header", "owner", "parser", "pool", "read_until_close",
+        "response_started", "reused", "scan", "stale", "tcp", "transport", "tunnel",
+        "write_paused",
     )
 
-    def __init__(self, pool: Pool, key: EndpointKey) -> None:
+    def __init__(self, pool: Pool, key: EndpointKey, identity: str = "") -> None:
         self.pool = pool
         self.key = key
+        self.identity = identity  # the peer proved it over TLS ("": plaintext)
+        self.tcp = pool.counter(identity)
         self.max_head_bytes = pool.max_head_bytes
         self.owner: ServerProtocol | None = None
         self.scan = FieldScan(RESPONSE_FIELDS)
@@ -68,13 +93,22 @@ class UpstreamProtocol(asyncio.Protocol):
         self.gate = ReadGate(transport)
         self.pool.open += 1
         self.pool.created += 1
-        self.pool.tcp.opened()
+        self.tcp.opened()
 
     def bind(self, owner: ServerProtocol) -> None:
         """Start an exchange for ``owner``: response events go to it from now on."""
         self.owner = owner
         self.response_started = False
         self.read_until_close = False
+
+    def detach(self) -> None:
+        """Another protocol takes this connection's transport (a CONNECT tunnel that
+        carries HTTP/2): stop counting it here; its TCP series goes on with the new one."""
+        self.owner = None
+        self.tunnel = False
+        self.closed = True
+        self.pool.open -= 1
+        self.gate.resume(self.gate.reasons)
 
     def unbind(self) -> None:
         self.owner = None
@@ -132,7 +166,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
-        self.pool.tcp.read(len(data))
+        self.tcp.read(len(data))
         if owner is None:
             # Bytes on an idle connection are a protocol error (RFC 9112 9.3.2 allows
             # no unsolicited response): this connection cannot be trusted any more.
@@ -216,24 +250,46 @@ class UpstreamProtocol(asyncio.Protocol):
 
 
 class Pool:
-    """Idle keep-alive connections per endpoint; connecting with a timeout."""
+    """Idle keep-alive connections per endpoint; connecting with a timeout, over mutual
+    TLS to endpoints with an identity when ``tls`` is given (see the module docstring).
+
+    ``tcp`` counts plaintext connections; ``tls_tcp(identity)`` gives the counter of
+    TLS connections to a peer with that identity (their metric labels differ)."""
 
     def __init__(self, *, max_idle: int, idle_timeout: float, max_head_bytes: int,
-                 tcp: TcpCounter | None = None) -> None:
+                 tcp: TcpCounter | None = None, tls_client: tls.ClientTls | None = None,
+                 tls_tcp: Callable[[str], TcpCounter] | None = None,
+                 handshake_timeout: float = tls.TLS_HANDSHAKE_TIMEOUT_SECONDS) -> None:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.max_head_bytes = max_head_bytes
         self.tcp: TcpCounter = tcp or NullTcpCounter()
+        self.tls = tls_client
+        self.tls_tcp = tls_tcp
+        self.handshake_timeout = handshake_timeout
         self._idle: dict[EndpointKey, list[UpstreamProtocol]] = {}
         self.open = 0  # live connections, idle or busy (for tests and the admin page)
         self.created = 0
+        self.handshakes = 0  # TLS handshakes completed (connection reuse keeps it low)
 
-    def take(self, key: EndpointKey) -> UpstreamProtocol | None:
+    def counter(self, identity: str) -> TcpCounter:
+        if identity and self.tls is not None and self.tls_tcp is not None:
+            return self.tls_tcp(identity)
+        return self.tcp
+
+    def take(self, key: EndpointKey, identity: str = "") -> UpstreamProtocol | None:
+        """An idle connection to ``key`` made for ``identity`` (the endpoint's identity;
+        ignored by a pool without TLS), or None."""
         stack = self._idle.get(key)
+        if self.tls is None:
+            identity = ""
         while stack:
             conn = stack.pop()
             conn.in_pool = False
             if conn.usable:
+                if conn.identity != identity:  # the endpoint's identity changed
+                    conn.close()
+                    continue
                 conn.reused = True
                 return conn
         return None
@@ -253,7 +309,7 @@ class Pool:
 
     def lost(self, conn: UpstreamProtocol, error: bool) -> None:
         self.open -= 1
-        self.tcp.closed(error)
+        conn.tcp.closed(error)
         if conn.in_pool:
             conn.in_pool = False
             stack = self._idle.get(conn.key)
@@ -267,8 +323,13 @@ class Pool:
             return len(self._idle.get(key, ()))
         return sum(len(stack) for stack in self._idle.values())
 
-    async def connect(self, key: EndpointKey, timeout: float) -> UpstreamProtocol:
-        """A fresh connection to ``key``; UpstreamRefused / UpstreamConnectTimeout."""
+    async def connect(self, key: EndpointKey, timeout: float,
+                      identity: str = "") -> UpstreamProtocol:
+        """A fresh connection to ``key``: UpstreamRefused / UpstreamConnectTimeout, and
+        with TLS (an ``identity`` and a pool with TLS) UpstreamIdentityMismatch /
+        UpstreamTlsFailed / IdentityUnavailable."""
+        if identity and self.tls is not None:
+            return await self._connect_tls(key, timeout, identity, self.tls)
         loop = asyncio.get_running_loop()
         host, port = key
         try:
@@ -284,6 +345,31 @@ class Pool:
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return protocol
+
+    async def _connect_tls(self, key: EndpointKey, timeout: float, identity: str,
+                           client: tls.ClientTls) -> UpstreamProtocol:
+        loop = asyncio.get_running_loop()
+        host, port = key
+        try:
+            context = client.client_context(HTTP1_ALPN)
+        except IdentityError as error:
+            raise IdentityUnavailable(f"no TLS credentials for {identity} yet: "
+                                      f"{error.reason}") from None
+        try:
+            sock = await connect_tcp(loop, host, port, timeout)
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"connecting to {host}:{port} timed out after {timeout:g}s") from None
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise UpstreamRefused(f"connecting to {host}:{port} failed: {reason}") from None
+        connection = await handshake_errors(
+            tls.originate(loop, sock, context, identity, self.handshake_timeout),
+            f"{host}:{port}", identity)
+        self.handshakes += 1
+        protocol = UpstreamProtocol(self, key, identity)
+        connection.attach(protocol)
         return protocol
 
     def sweep(self, now: float) -> None:
@@ -307,3 +393,26 @@ class Pool:
                 conn.in_pool = False
                 conn.close()
         self._idle.clear()
+
+
+async def handshake_errors(handshake: Awaitable[tls.TlsConnection], where: str,
+                           identity: str) -> tls.TlsConnection:
+    """Await a client handshake and check the peer is exactly ``identity``; failures
+    become the errors the client sees (502, with the reason)."""
+    try:
+        connection = await handshake
+    except ssl.SSLCertVerificationError as error:
+        raise UpstreamIdentityMismatch(
+            f"{where} is not {identity}: {error.verify_message}") from None
+    except TimeoutError:
+        raise UpstreamTlsFailed(f"TLS handshake with {where} timed out") from None
+    except (ssl.SSLError, OSError) as error:
+        raise UpstreamTlsFailed(f"TLS handshake with {where} ({identity}) failed: "
+                                f"{error}") from None
+    try:
+        check_peer_identity(connection.ssl_object, identity)
+    except PeerIdentityMismatch as error:
+        connection.abort()
+        raise UpstreamIdentityMismatch(f"{where} is not {identity}: it proved "
+                                       f"{error.actual or 'no identity'}") from None
+    return connection

@@ -434,14 +434,3 @@ def is_retryable(request: RequestHead) -> bool:
     bytes are not kept)."""
     return (request.body is Body.NONE and request.upgrade is None
             and request.method in IDEMPOTENT_METHODS)
-
-
-# HTTP/2 is not spoken yet (the next issue): a client that opens with the prior-knowledge
-# preface gets a server SETTINGS frame and a GOAWAY with HTTP_1_1_REQUIRED (RFC 9113 7,
-# error code 0xd), which h2 clients report as "use HTTP/1.1", then the connection closes.
-_GOAWAY_DEBUG = b"shoal: HTTP/2 is not supported yet, use HTTP/1.1"
-HTTP2_REFUSAL = (
-    b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS, empty, stream 0
-    + (8 + len(_GOAWAY_DEBUG)).to_bytes(3, "big") + b"\x07\x00\x00\x00\x00\x00"
-    + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x0d" + _GOAWAY_DEBUG
-)

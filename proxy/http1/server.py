@@ -34,13 +34,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
+from ..detect import HTTP2_PREFACE
 from ..errors import (
+    EndpointConnectError,
     HeadersTooLarge,
     MalformedRequest,
     NoEndpoints,
@@ -48,8 +51,6 @@ from ..errors import (
     RequestHeadTimeout,
     RequestTargetTooLong,
     ResponseTimeout,
-    UpstreamConnectTimeout,
-    UpstreamRefused,
     UpstreamReset,
     render,
 )
@@ -98,12 +99,29 @@ class Router(Protocol):
     def route(self, head: RequestHead) -> Target: ...
 
 
+class LiveConnection(Protocol):
+    """A client connection of any protocol engine (this one's, or HTTP/2's)."""
+
+    closing: bool
+    transport: asyncio.Transport
+
+    def sweep(self, now: float) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+TunnelH2 = Callable[[asyncio.Transport, bytes, Target, asyncio.Transport | None, EndpointKey,
+                    bytes], None]
+
+
 class Connections:
     """The live client connections of a proxy: swept once a second for time limits,
     and told to drain on shutdown."""
 
     def __init__(self) -> None:
-        self.live: set[ServerProtocol] = set()
+        self.live: set[LiveConnection] = set()
         self.draining = False
 
     def sweep(self, now: float) -> None:
@@ -132,6 +150,10 @@ class ServerContext:
     connections: Connections
     # Metrics labels and tap for the room (the default: no tap, nothing stamped).
     observer: Observer = field(default_factory=lambda: Observer("inbound"))
+    # Given, a CONNECT tunnel whose client starts with the HTTP/2 preface is handed to it
+    # (client transport, bytes read, the tunnel's target, upstream transport, its
+    # endpoint, bytes the upstream sent) instead of being relayed as bytes.
+    tunnel_h2: TunnelH2 | None = None
 
 
 class Exchange:
@@ -190,6 +212,9 @@ class ServerProtocol(asyncio.Protocol):
         self.broken = False
         self.write_paused = False
         self._advancing = False
+        self.sniffing: bytearray | None = None  # a CONNECT tunnel's first client bytes
+        self._sniff_held = b""  # upstream bytes held while sniffing
+        self._sniff_target: Target | None = None
 
     # -- connection lifecycle ----------------------------------------------------------
 
@@ -293,6 +318,14 @@ class ServerProtocol(asyncio.Protocol):
                 self.ctx.tcp.wrote(len(data))
 
     def tunnel_write(self, data: bytes) -> None:
+        if self.sniffing is not None:
+            if not self.sniffing:  # the server spoke first: not HTTP/2, relay from now on
+                self._end_sniff()
+            else:  # the client is sending the preface: hold the server's bytes till then
+                self._sniff_held += data
+                if self.peer is not None:
+                    self.peer.gate.pause(UPGRADE)
+                return
         if not self.closed:
             self.transport.write(data)
             self.ctx.tcp.wrote(len(data))
@@ -303,6 +336,9 @@ class ServerProtocol(asyncio.Protocol):
         self.ticks += 1
         self.ctx.tcp.read(len(data))
         if self.tunnel:
+            if self.sniffing is not None:
+                self._sniff(data)
+                return
             peer = self.peer
             if peer is not None:
                 peer.transport.write(data)
@@ -466,7 +502,7 @@ class ServerProtocol(asyncio.Protocol):
             self._fail(ex, error)
             return
         if endpoint is not None:
-            conn = target.pool.take(endpoint.key)
+            conn = target.pool.take(endpoint.key, endpoint.identity)
             if conn is not None:
                 self._attach(ex, conn, endpoint, now)
                 return
@@ -474,8 +510,9 @@ class ServerProtocol(asyncio.Protocol):
 
     async def _dispatch(self, ex: Exchange, target: Target, endpoint: EndpointRef | None,
                         fresh: bool) -> None:
-        """The slow path: wait for an endpoint (fail-fast bound), connect (timeout),
-        and on a connection error try another endpoint, as nothing has been sent yet."""
+        """The slow path: wait for an endpoint (fail-fast bound), connect (timeout; TLS
+        to meshed endpoints), and on a connection error, a refused handshake or a peer
+        that is not who discovery said, try another endpoint: nothing has been sent."""
         exclude: list[EndpointKey] = []
         last_error: ProxyError | None = None
         try:
@@ -484,11 +521,12 @@ class ServerProtocol(asyncio.Protocol):
                     if last_error is not None:
                         raise last_error
                     endpoint = await target.wait_pick(exclude)
-                conn = None if fresh else target.pool.take(endpoint.key)
+                conn = None if fresh else target.pool.take(endpoint.key, endpoint.identity)
                 if conn is None:
                     try:
-                        conn = await target.pool.connect(endpoint.key, target.connect_timeout)
-                    except (UpstreamRefused, UpstreamConnectTimeout) as error:
+                        conn = await target.pool.connect(endpoint.key, target.connect_timeout,
+                                                         endpoint.identity)
+                    except EndpointConnectError as error:
                         now = monotonic()
                         target.on_connect_error(endpoint, now)
                         exclude.append(endpoint.key)
@@ -561,8 +599,14 @@ class ServerProtocol(asyncio.Protocol):
         ex.done = True
         self.current = None
         self.tunnel_write(CONNECT_ESTABLISHED)
+        if self.ctx.tunnel_h2 is not None:
+            self.sniffing = bytearray()
+            self._sniff_target = target
         if ex.upgrade_tail:
-            conn.transport.write(ex.upgrade_tail)
+            if self.sniffing is not None:
+                self._sniff(ex.upgrade_tail)
+            else:
+                conn.transport.write(ex.upgrade_tail)
         self.upgrading = False
         if self.write_paused:
             conn.gate.pause(PEER_FULL)
@@ -693,6 +737,50 @@ class ServerProtocol(asyncio.Protocol):
             conn.transport.write(ex.upgrade_tail)
         self.upgrading = False
         self.gate.resume(UPGRADE)
+
+    def _sniff(self, data: bytes) -> None:
+        """A CONNECT tunnel's first client bytes: HTTP/2 (grpcio through ``grpc_proxy``)
+        is handed to ctx.tunnel_h2 and balanced per request; anything else is relayed."""
+        sniffed = self.sniffing
+        assert sniffed is not None
+        sniffed += data
+        size = min(len(sniffed), len(HTTP2_PREFACE))
+        if sniffed[:size] != HTTP2_PREFACE[:size]:
+            self._end_sniff()
+            return
+        if len(sniffed) < len(HTTP2_PREFACE):
+            return
+        peer, target, hook = self.peer, self._sniff_target, self.ctx.tunnel_h2
+        if peer is None or target is None or hook is None or peer.closed:
+            self._end_sniff()
+            return
+        # Hand both transports over: this protocol and the tunnel are done with them.
+        held, self._sniff_held = self._sniff_held, b""
+        self.sniffing = None
+        self.tunnel = False
+        self.peer = None
+        self.closed = self.closing = True
+        self.ctx.connections.live.discard(self)
+        peer.detach()
+        self.gate.resume(self.gate.reasons)
+        upstream: asyncio.Transport | None = peer.transport
+        if peer.identity:  # TLS made for HTTP/1 (ALPN shoal.http1): of no use to HTTP/2
+            peer.transport.abort()
+            upstream = None
+        hook(self.transport, bytes(sniffed), target, upstream, peer.key, held)
+
+    def _end_sniff(self) -> None:
+        sniffed = self.sniffing
+        self.sniffing = None
+        held, self._sniff_held = self._sniff_held, b""
+        peer = self.peer
+        if peer is None:
+            return
+        if sniffed:
+            peer.transport.write(bytes(sniffed))
+        if held:
+            self.tunnel_write(held)
+        peer.gate.resume(UPGRADE)
 
     def on_tunnel_eof(self, conn: UpstreamProtocol) -> None:
         if self.eof:
