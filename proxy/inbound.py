@@ -79,7 +79,7 @@ class _Peer:
             "inbound", {"peer": "src", "protocol": "opaque", **full})
         self.h2ctx = H2Context(router=FixedH2Router(self.target), pool=inbound.h2pool,
                                http1=config.http1, tcp=self.ctx.tcp,
-                               connections=inbound.runtime.connections)
+                               connections=inbound.runtime.connections, observer=observer)
 
 
 class Inbound:

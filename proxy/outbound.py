@@ -369,7 +369,7 @@ class Outbound:
         tcp = runtime.metrics.tcp_metrics("outbound", {"peer": "src", **tls.TLS_LOOPBACK})
         self.h2pool = h2pool
         self.h2ctx = H2Context(router=router, pool=h2pool, http1=config.http1, tcp=tcp,
-                               connections=runtime.connections)
+                               connections=runtime.connections, observer=self.observer)
         self.ctx = ServerContext(
             router=router, settings=config.http1, tcp=tcp, connections=runtime.connections,
             observer=self.observer, tunnel_h2=self._tunnel_h2)
@@ -383,7 +383,7 @@ class Outbound:
         pool (a TLS one, made for HTTP/1, was closed: the pool opens its own)."""
         ctx = H2Context(router=FixedH2Router(target), pool=self.h2pool,
                         http1=self.config.http1, tcp=self.h2ctx.tcp,
-                        connections=self.h2ctx.connections)
+                        connections=self.h2ctx.connections, observer=self.observer)
         if upstream is not None:
             self.h2pool.adopt_transport(key, upstream, upstream_data)
         adopt_server(client, ctx, initial)
@@ -432,7 +432,8 @@ class PortMapped:
             connections=runtime.connections, observer=self.observer)
         self.h2pool = h2pool
         self.h2ctx = H2Context(router=FixedH2Router(self.target), pool=h2pool,
-                               http1=config.http1, tcp=tcp, connections=runtime.connections)
+                               http1=config.http1, tcp=tcp, connections=runtime.connections,
+                               observer=self.observer)
         self._opaque_tcp: dict[str, TcpMetrics] = {}
         self.opaque = mapping.port is not None and mapping.port in config.opaque_ports
         self.unreachable = 0

@@ -29,6 +29,7 @@ from shoal.proxy.observe import (
     grpc_status_of,
     parse_client_workload,
     route_template,
+    workload_of_identity,
 )
 from shoal.proxy.route import FixedRouter, FixedTarget, NullRequestCounter, NullTcpCounter
 from shoal.proxy.tap import REDACTED, LocalProxy, TapRegistry
@@ -87,6 +88,32 @@ def test_client_workload_and_grpc_status_parsing() -> None:
     assert grpc_status_of([(b"Grpc-Status", b"2"), (b"grpc-message", b"x")]) == 2
     assert grpc_status_of([(b"grpc-status", b"99")]) == 2  # unknown reads as UNKNOWN
     assert grpc_status_of([(b"x", b"1")]) is None
+
+
+def test_the_caller_from_a_client_identity_wins_over_the_field() -> None:
+    web = "web.demo.serviceaccount.identity.shoal.cluster.local"
+    assert workload_of_identity(web) == b"demo/web"
+    for bad in ("", "web.demo", "x.serviceaccount.identity.shoal.cluster.local",
+                "a.b.Demo.serviceaccount.identity.shoal.cluster.local"):
+        assert workload_of_identity(bad) is None
+    metrics = ProxyMetrics()
+    registry, events = _tapping()
+    observer, target = _inbound(metrics, registry)
+    mtls = observer.for_client(web).connection(_Transport())
+    assert mtls.tls and mtls.client_identity == web
+    # A stamped field that disagrees loses to the certificate.
+    obs = mtls.request(target, target.endpoint, b"GET", b"web", b"/", [], b"demo/evil", 1.0)
+    obs.response_start(200, [], 1.01)
+    obs.response_end((), 1.02)
+    plain = observer.connection(_Transport())  # the room itself: plaintext, field trusted
+    assert not plain.tls and plain.client_identity == ""
+    plain.request(target, target.endpoint, b"GET", b"web", b"/", [], b"demo/vote-bot",
+                  2.0).response_start(200, [], 2.01)
+    callers = {(row.peer_workload, row.requests) for row in _rows(metrics)}
+    assert callers == {("web", 1), ("vote-bot", 1)}
+    start = next(e for e in events if isinstance(e, TapRequestStart))
+    assert start.tls and start.source.workload == "web"
+    assert start.source.identity == web and start.source.namespace == "demo"
 
 
 def _session(sid: str = "s1", **kw: object) -> bytes:
