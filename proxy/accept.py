@@ -10,6 +10,12 @@ for relaying; if the client speaks first its bytes go through ``shoal.proxy.dete
 silent client with a silent server waits for the timeout, and nothing is lost by waiting
 because neither side has anything to say (then the connection is opaque).
 
+One exception: an h2c server (grpcio, say) sends its preface, a SETTINGS frame, the
+moment it accepts, without waiting for the client's. Server bytes that begin as one
+(``detect.h2_server_preface``) are kept aside and the client still decides: HTTP/2 (or
+TLS, a peer proxy whose ALPN says h2) gets them as ``upstream_data`` for the HTTP/2
+engine; anything else relays them as the server's first bytes.
+
 The caller owns the client socket throughout; it owns the upstream socket in the result
 (use it, for example ``loop.create_connection(factory, sock=upstream)``, or close it).
 Readiness is watched with ``loop.add_reader`` (level-triggered), never with a cancelled
@@ -28,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .detect import MAX_DETECT_BYTES, Protocol, detect, detect_tls
+from .detect import MAX_DETECT_BYTES, Protocol, detect, detect_tls, h2_server_preface
 
 # One read of whatever a server sent first (a NATS INFO line is ~300 bytes, a MySQL
 # handshake ~100); anything after it is relayed by forward_opaque. 64 KiB = one recv.
@@ -136,6 +142,7 @@ class _Detection:
         self.opaque = opaque
         self.deadline = loop.time() + timeout
         self.buffer = bytearray()
+        self.early = b""  # an h2c server's preface, read while the client decides
         self.upstream: socket.socket | None = None
         self.upstream_error: OSError | None = None
         self.connecting: asyncio.Task[socket.socket] | None = None
@@ -212,8 +219,14 @@ class _Detection:
         except BlockingIOError:
             return None
         except OSError as error:  # reset before it said anything: no upstream after all
+            if self.early:  # it did say something: relay that, the reset follows
+                return self._result("opaque", "server-first")
             self.upstream.close()
             self.upstream, self.upstream_error = None, error
+            return None
+        if data and len(self.early) + len(data) <= SERVER_FIRST_READ_BYTES and \
+                h2_server_preface(self.early + data) is not False:
+            self.early += data  # an h2c server greeting: the client still decides
             return None
         return self._result("opaque", "server-first", data)
 
@@ -257,13 +270,16 @@ class _Detection:
             self._take_connect(self.connecting)
         if self.upstream is not None:
             early = _server_spoke(self.upstream)
-            if early:  # an HTTP server never speaks first: whatever this is, relay it
+            spoke = self.early + early
+            if protocol == "http2" and spoke and h2_server_preface(spoke) is not False:
+                return self._result(protocol, reason, early)  # its preface, for the engine
+            if spoke:  # an HTTP/1 server never speaks first: whatever this is, relay it
                 return self._result("opaque", "server-first", early)
         return self._result(protocol, reason)
 
     def _result(self, protocol: Protocol, reason: Reason, upstream_data: bytes = b"") -> Classified:
-        return Classified(protocol, bytes(self.buffer), reason, self.upstream, upstream_data,
-                          self.upstream_error)
+        return Classified(protocol, bytes(self.buffer), reason, self.upstream,
+                          self.early + upstream_data, self.upstream_error)
 
     async def _drop_upstream(self) -> None:
         if self.upstream is not None:

@@ -169,7 +169,7 @@ class Inbound:
                 return
             initial, hello = read
             if hello is not None and self.terminates(hello.server_name):
-                await self._terminate(client, initial, result.upstream)
+                await self._terminate(client, initial, result.upstream, result.upstream_data)
                 return
             self.tls_passthrough += 1
             peer = self.passthrough  # the app's own TLS: relayed as it is
@@ -181,7 +181,8 @@ class Inbound:
         elif result.protocol == "http2":
             peer = self.plain
             if result.upstream is not None:
-                await self.h2pool.adopt(peer.target.endpoint.key, result.upstream)
+                await self.h2pool.adopt(peer.target.endpoint.key, result.upstream,
+                                        result.upstream_data)
             await serve_http2(client, peer.h2ctx, initial)
             return
         else:
@@ -213,8 +214,9 @@ class Inbound:
             return None
 
     async def _terminate(self, client: socket.socket, initial: bytes,
-                         app: socket.socket | None) -> None:
-        """TLS for this proxy's identity: handshake, then by ALPN to the app."""
+                         app: socket.socket | None, app_data: bytes = b"") -> None:
+        """TLS for this proxy's identity: handshake, then by ALPN to the app.
+        ``app_data``: what the app already said (an h2c server's preface, accept.py)."""
         loop = asyncio.get_running_loop()
         assert self.identity is not None
         try:
@@ -230,6 +232,11 @@ class Inbound:
         self.tls_terminated += 1
         peer = self.client(peer_identity(connection.ssl_object) or "")
         alpn = connection.ssl_object.selected_alpn_protocol()
+        if app_data and app is not None and alpn in (tls.ALPN_HTTP1, None):
+            # An h2c server's greeting: of no use to HTTP/1, and a relay after sniffing
+            # opens its own connection (the server greets that one too).
+            app.close()
+            app = None
         if alpn == tls.ALPN_HTTP1:
             if app is not None:
                 await adopt(self.pool, peer.target.endpoint.key, app)
@@ -237,11 +244,11 @@ class Inbound:
             return
         if alpn == tls.ALPN_HTTP2:
             if app is not None:
-                await self.h2pool.adopt(peer.target.endpoint.key, app)
+                await self.h2pool.adopt(peer.target.endpoint.key, app, app_data)
             connection.attach(ServerConnection(peer.h2ctx))
             return
         if alpn == tls.ALPN_OPAQUE:
-            await self._relay(connection, app, peer, b"")
+            await self._relay(connection, app, peer, b"", app_data=app_data)
             return
         # No ALPN: a TLS client that is not a Shoal proxy. Detect on the plaintext.
         sniff = _Sniff(self.config.detect_timeout)
@@ -264,7 +271,8 @@ class Inbound:
         await self._relay(connection, app, peer, data, eof=sniff.eof)
 
     async def _relay(self, connection: tls.TlsConnection, app: socket.socket | None,
-                     peer: _Peer, initial: bytes, eof: bool = False) -> None:
+                     peer: _Peer, initial: bytes, eof: bool = False,
+                     app_data: bytes = b"") -> None:
         if app is None:
             try:
                 app = await self.connect()
@@ -274,7 +282,7 @@ class Inbound:
                 connection.abort()
                 return
         peer.opaque_tcp.opened()
-        relay = Relay(peer.opaque_tcp, client_initial=initial)
+        relay = Relay(peer.opaque_tcp, client_initial=initial, upstream_initial=app_data)
         if connection.app is None:
             connection.attach(relay.client)
         else:  # after _Sniff: take over the transport (and the EOF it may have seen)

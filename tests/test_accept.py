@@ -151,6 +151,37 @@ async def test_server_greeting_wins_over_a_later_http_looking_client() -> None:
             found.upstream.close()
 
 
+# An h2c server's preface: SETTINGS (12 bytes: two settings) and a WINDOW_UPDATE.
+H2_SERVER_GREETING = (b"\x00\x00\x0c\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"
+                      + b"\x00\x04\x00\x01\x00\x00"
+                      + b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x0f\x00\x01")
+
+
+@pytest.mark.parametrize(("first", "protocol", "reason"), [
+    (HTTP2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", "http2", "detected"),
+    (b"GET / HTTP/1.1\r\n\r\n", "opaque", "server-first"),
+])
+async def test_an_h2c_server_greeting_first_lets_the_client_decide(
+        first: bytes, protocol: str, reason: str) -> None:
+    """grpcio sends its SETTINGS as soon as it accepts: HTTP/2 from the client is still
+    HTTP/2 (the greeting handed over for the engine); an HTTP/1 client gets it relayed."""
+    async with tcp_server(banner(H2_SERVER_GREETING)) as port:
+        outside, accepted = await tcp_pair()
+        with outside, accepted:
+            async def late_client() -> None:
+                await asyncio.sleep(0.2)  # the greeting is there long before
+                await send_all(outside, first)
+
+            sender = asyncio.create_task(late_client())
+            found, _ = await classify_timed(accepted, port)
+            await sender
+            assert (found.protocol, found.reason) == (protocol, reason)
+            assert found.upstream_data == H2_SERVER_GREETING
+            assert found.client_data == first
+            assert found.upstream is not None
+            found.upstream.close()
+
+
 async def test_silent_client_and_silent_server_fall_back_to_opaque() -> None:
     async with tcp_server(silent) as port:
         outside, accepted = await tcp_pair()

@@ -318,11 +318,13 @@ class H2Pool:
         connection.attach(protocol)
         return protocol
 
-    async def adopt(self, key: EndpointKey, sock: socket.socket) -> None:
-        """Take a socket connected to ``key`` (by detection) as an HTTP/2 connection."""
+    async def adopt(self, key: EndpointKey, sock: socket.socket, initial: bytes = b"") -> None:
+        """Take a socket connected to ``key`` (by detection) as an HTTP/2 connection;
+        ``initial``: what the server already sent (its preface, read by detection)."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: ClientConnection(self, key), sock=sock)
+            await loop.create_connection(lambda: ClientConnection(self, key, initial),
+                                         sock=sock)
         except OSError:
             sock.close()
 
