@@ -154,6 +154,7 @@ class Inbound:
         result = await classify(loop, client, opaque=self.opaque,
                                 connect_upstream=self.connect,
                                 timeout=self.config.detect_timeout, tls=True)
+        peer = self.plain
         initial = result.client_data
         if result.protocol == "tls":
             read = await self._client_hello(client, initial, result.upstream)
@@ -175,8 +176,6 @@ class Inbound:
                 await self.h2pool.adopt(peer.target.endpoint.key, result.upstream)
             await serve_http2(client, peer.h2ctx, initial)
             return
-        else:
-            peer = self.plain
         upstream = result.upstream
         if upstream is None:
             self.unreachable += 1
