@@ -148,7 +148,8 @@ class Proxy:
                     max_head_bytes=config.http1.max_response_head_bytes,
                     tcp=runtime.metrics.tcp_metrics("outbound", {
                         "peer": "dst", **tls.outbound_labels("", runtime.identity is not None)}),
-                    tls_client=runtime.identity, tls_tcp=self._outbound_tls_tcp)
+                    tls_client=runtime.identity, tls_tcp=self._outbound_tls_tcp,
+                    meshed_idle_timeout=config.outbound.pool_meshed_idle_timeout)
         self.pools.append(pool)
         static: dict[ServiceName, StaticEntry] = {
             item.target: StaticEntry(item.target, item.endpoints, item.identities)

@@ -291,6 +291,19 @@ async def test_traffic_between_proxies_is_tls_with_alpn(mesh: Mesh) -> None:
     assert b"opaque-secret" not in mesh.echo_spy.downstream[-1]
 
 
+async def test_connect_tunnel_to_a_meshed_endpoint(mesh: Mesh) -> None:
+    """CONNECT (what clients honouring http_proxy send for https and WebSocket): the
+    tunnel to the peer proxy is TLS offering no protocol, and the peer detects what is
+    inside (here HTTP/1, sent by curl through the tunnel)."""
+    before = mesh.web.requests
+    result = await asyncio.to_thread(subprocess.run, [
+        "curl", "-sS", "--max-time", "10", "-p", "-x", mesh.url, f"http://web.{NS}/tunneled"],
+        capture_output=True, timeout=20, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello from web\n"
+    assert mesh.web.requests == before + 1 and mesh.web.paths[-1] == "/tunneled"
+
+
 async def test_server_identity_mismatch_is_refused_with_502(mesh: Mesh, show_logs: None
                                                             ) -> None:
     # Discovery says the endpoint is "voting", but the proxy there proves "web".
