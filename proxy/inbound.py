@@ -146,6 +146,7 @@ class Inbound:
         result = await classify(loop, client, opaque=self.opaque,
                                 connect_upstream=self.connect,
                                 timeout=self.config.detect_timeout, tls=True)
+        peer = self.plain
         initial = result.client_data
         if result.protocol == "tls":
             read = await self._client_hello(client, initial, result.upstream)
@@ -159,16 +160,14 @@ class Inbound:
             peer = self.passthrough  # the app's own TLS: relayed as it is
         elif result.protocol == "http1":
             if result.upstream is not None:
-                await adopt(self.pool, (self.host, self.port), result.upstream)
-            await serve_http1(client, self.plain.ctx, initial)
+                await adopt(self.pool, self.target.endpoint.key, result.upstream)
+            await serve_http1(client, peer.ctx, initial)
             return
         elif result.protocol == "http2":
             if result.upstream is not None:
                 result.upstream.close()
             await refuse_http2(client)
             return
-        else:
-            peer = self.plain
         upstream = result.upstream
         if upstream is None:
             self.unreachable += 1
