@@ -168,8 +168,8 @@ class Inbound:
             peer = self.passthrough  # the app's own TLS: relayed as it is
         elif result.protocol == "http1":
             if result.upstream is not None:
-                await adopt(self.pool, (self.host, self.port), result.upstream)
-            await serve_http1(client, self.plain.ctx, initial)
+                await adopt(self.pool, self.target.endpoint.key, result.upstream)
+            await serve_http1(client, peer.ctx, initial)
             return
         elif result.protocol == "http2":
             if result.upstream is not None:
