@@ -219,7 +219,9 @@ def test_unknown_is_a_failure_in_metrics(mesh: Mesh) -> None:
         if inbound >= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert inbound >= 1
+    assert inbound >= 1, "\n".join(
+        line for proxy in mesh.inbound for line in proxy.metrics().splitlines()
+        if line.startswith(("response_total", "request_total")))
 
 
 def test_expiring_deadline_reaches_the_client(mesh: Mesh) -> None:
