@@ -319,7 +319,11 @@ class H2Pool:
         return protocol
 
     async def adopt(self, key: EndpointKey, sock: socket.socket) -> None:
-        """Take a socket connected to ``key`` (by detection) as an HTTP/2 connection."""
+        """Take a socket connected to ``key`` (by detection) as an HTTP/2 connection,
+        unless a pooled one has room already (then it is closed: streams share)."""
+        if self.ready(key) is not None:
+            sock.close()
+            return
         loop = asyncio.get_running_loop()
         try:
             await loop.create_connection(lambda: ClientConnection(self, key), sock=sock)
