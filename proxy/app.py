@@ -1,6 +1,7 @@
 """The proxy process: wiring only (as linkerd2's cmd/*/main.go). Builds the runtime from
-the config, binds the listeners, starts the bus link, discovery, the identity client and
-registration, runs the once-a-second sweeper, and stops gracefully.
+the config, binds the listeners, starts the bus link, discovery, the identity client,
+registration and telemetry (tap and metrics reports), runs the once-a-second sweeper, and
+stops gracefully.
 
 Identity (when enabled): the client certifies over the bus link as soon as the bus is
 reached (and watches ``shoal_trust``, again after every reconnect); the inbound endpoint
@@ -15,8 +16,9 @@ Shutdown (SIGTERM, SIGINT or admin ``POST /shutdown``), in order:
 4. idle client connections close; busy ones finish their current response, which says
    ``Connection: close``; HTTP/2 connections get GOAWAY and finish the streams in flight;
    opaque relays and tunnels keep going;
-5. after everything finished or the drain timeout, whatever is left is cut, the bus link
-   closes, and the process exits 0.
+5. after everything finished or the drain timeout, whatever is left is cut, a last
+   metrics report (the drained requests' deltas) is sent, the bus link closes, and the
+   process exits 0.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ from .listen import Handler, Listener, bind
 from .metrics import IdentityCollector, ProxyMetrics, TcpMetrics
 from .outbound import Outbound, PortMapped, Services, StaticEntry
 from .register import REGISTER_TTL_SECONDS, Registrar
+from .report import ReportIdentity
 from .runtime import Runtime
+from .tap import LocalProxy
+from .telemetry import Telemetry
 
 log = logging.getLogger("shoal.proxy")
 
@@ -82,7 +87,9 @@ def token_source(config: ProxyConfig) -> TokenSource:
 class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
-        self.runtime = Runtime(metrics=ProxyMetrics())
+        self.runtime = Runtime(metrics=ProxyMetrics(),
+                               local=LocalProxy(config.namespace, config.workload, config.pod),
+                               identity_name=config.identity)
         self.listeners: list[Listener] = []
         self.pools: list[Pool | H2Pool] = []
         self.admin: Admin | None = None
@@ -146,6 +153,12 @@ class Proxy:
                     workload=config.workload, pod=config.pod,
                     address=config.advertise_address, port=config.inbound_port,
                     identity=config.identity, ttl_seconds=REGISTER_TTL_SECONDS))
+            runtime.telemetry = Telemetry(
+                runtime.link, runtime.metrics,
+                ReportIdentity(namespace=config.namespace, workload=config.workload,
+                               pod=config.pod, identity=config.identity),
+                tap=config.tap, report_interval=config.report_interval)
+            runtime.tap = runtime.telemetry.tap
         pool = Pool(max_idle=config.outbound.pool_max_idle,
                     idle_timeout=config.outbound.pool_idle_timeout,
                     max_head_bytes=config.http1.max_response_head_bytes,
@@ -199,6 +212,8 @@ class Proxy:
                 self._register_task = asyncio.create_task(
                     self._register_when_certified(runtime.registrar, runtime.identity),
                     name="register-when-certified")
+        if runtime.telemetry is not None:
+            runtime.telemetry.start()
         shown = ", ".join(f"{name} {host}:{port}" for name, (host, port) in
                           self.addresses.items())
         bus = config.bus.redacted() if config.bus is not None else "none (static endpoints)"
@@ -275,6 +290,8 @@ class Proxy:
             listener.sock.close()
         for pool in self.pools:
             pool.close_all()
+        if runtime.telemetry is not None:  # the last report, before the bus link goes
+            await runtime.telemetry.stop()
         if self.admin is not None:
             await self.admin.close()
         if runtime.identity is not None:

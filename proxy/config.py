@@ -33,6 +33,7 @@ from shoal.schemas.names import is_dns_label
 from .detect import DEFAULT_OPAQUE_PORTS, DETECT_TIMEOUT_SECONDS
 from .discover import INBOUND_FAILFAST_SECONDS, OUTBOUND_FAILFAST_SECONDS
 from .identity import MIN_REFRESH_SECONDS
+from .report import REPORT_INTERVAL_SECONDS
 
 ENV_PREFIX = "SHOAL_PROXY_"
 
@@ -129,6 +130,10 @@ MAX_CONNECT_ATTEMPTS = 3
 MAX_CONNECTIONS = 10_000
 # How often time limits are checked: the resolution of every timeout above.
 SWEEP_INTERVAL_SECONDS = 1.0
+# Metrics reports: REPORT_INTERVAL_SECONDS (5 s, report.py) by default; a report every
+# 0.5 s at the most, an hour apart at the least (the metrics service keeps an hour).
+MIN_REPORT_INTERVAL_SECONDS = 0.5
+MAX_REPORT_INTERVAL_SECONDS = 3600.0
 
 
 class ConfigError(ValueError):
@@ -227,6 +232,8 @@ class ProxyConfig:
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
     bus: BusSettings | None = None
     register: bool = True
+    tap: bool = True  # False: tap compiled out (the registry is a constant False)
+    report_interval: float = REPORT_INTERVAL_SECONDS
     http1: Http1Settings = field(default_factory=Http1Settings)
     http2: Http2Settings = field(default_factory=Http2Settings)
     outbound: DirectionSettings = field(default_factory=lambda: DirectionSettings(
@@ -390,6 +397,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         default=environ.get(_env_name("no_register"), "") not in
                         ("", "0", "false"),
                         help="do not register the inbound endpoint on the bus")
+    parser.add_argument("--no-tap", action="store_true",
+                        default=environ.get(_env_name("no_tap"), "") not in ("", "0", "false"),
+                        help="tap compiled out: no session is ever followed (for "
+                             "benchmarks; env SHOAL_PROXY_NO_TAP)")
+    add("--report-interval", REPORT_INTERVAL_SECONDS, "seconds between metrics reports",
+        float)
     add("--connect-timeout", OUTBOUND_CONNECT_TIMEOUT_SECONDS, "outbound connect timeout, s",
         float)
     add("--inbound-connect-timeout", INBOUND_CONNECT_TIMEOUT_SECONDS,
@@ -464,6 +477,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Pr
                  "max_connect_attempts", "max_connections"):
         _positive(getattr(args, name), "--" + name.replace("_", "-"))
     _positive(args.response_timeout, "--response-timeout", allow_zero=True)
+    if not MIN_REPORT_INTERVAL_SECONDS <= args.report_interval <= MAX_REPORT_INTERVAL_SECONDS:
+        raise ConfigError(f"--report-interval must be {MIN_REPORT_INTERVAL_SECONDS:g}.."
+                          f"{MAX_REPORT_INTERVAL_SECONDS:g} s, got {args.report_interval}")
     bus = None
     if not args.no_bus:
         try:
@@ -490,7 +506,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Pr
         admin_port=args.admin_port, app_host=args.app_host, app_port=args.app_port,
         upstreams=upstreams, static=static, opaque_ports=parse_ports(args.opaque_ports),
         cluster_domain=args.cluster_domain.strip(".").lower(), bus=bus,
-        register=not args.no_register,
+        register=not args.no_register, tap=not args.no_tap,
+        report_interval=args.report_interval,
         http1=Http1Settings(
             max_request_head_bytes=args.max_request_head_bytes, max_headers=args.max_headers,
             max_request_target_bytes=args.max_request_target_bytes,

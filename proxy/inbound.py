@@ -45,6 +45,7 @@ from .http2.server import FixedH2Router, H2Context, ServerConnection, serve_http
 from .identity import IdentityClient, peer_identity
 from .listen import adopt, serve_http1
 from .metrics import TcpMetrics
+from .observe import Observer, RouteSeries
 from .opaque import forward_opaque
 from .relay import Relay
 from .route import FixedRouter, FixedTarget
@@ -58,23 +59,27 @@ MAX_CLIENT_IDENTITIES = 1024
 
 
 class _Peer:
-    """What connections from one kind of client share: TLS labels and their series."""
+    """What connections from one kind of client share: TLS labels, their series (one per
+    route and caller, observe.RouteSeries) and the metrics-and-tap hooks (``observer``:
+    the room's, or for a mesh client one that knows its identity)."""
 
-    def __init__(self, inbound: Inbound, labels: dict[str, str]) -> None:
+    def __init__(self, inbound: Inbound, labels: dict[str, str], observer: Observer) -> None:
         config, metrics = inbound.config, inbound.runtime.metrics
         full = {"target_addr": inbound.target_addr, **labels}
         self.target = FixedTarget(inbound.host, inbound.port, inbound.pool,
                                   metrics.request_metrics("inbound", full),
-                                  config.inbound.connect_timeout)
+                                  config.inbound.connect_timeout,
+                                  series=RouteSeries(metrics, "inbound", full),
+                                  peer=inbound.app_peer)
         self.ctx = ServerContext(
             router=FixedRouter(self.target), settings=config.http1,
             tcp=metrics.tcp_metrics("inbound", {"peer": "src", **full}),
-            connections=inbound.runtime.connections)
+            connections=inbound.runtime.connections, observer=observer)
         self.opaque_tcp: TcpMetrics = metrics.tcp_metrics(
             "inbound", {"peer": "src", "protocol": "opaque", **full})
         self.h2ctx = H2Context(router=FixedH2Router(self.target), pool=inbound.h2pool,
                                http1=config.http1, tcp=self.ctx.tcp,
-                               connections=inbound.runtime.connections)
+                               connections=inbound.runtime.connections, observer=observer)
 
 
 class Inbound:
@@ -89,6 +94,8 @@ class Inbound:
         self.host = config.app_host
         self.port = config.app_port
         self.target_addr = f"{self.host}:{self.port}"
+        self.observer = runtime.observer("inbound")
+        self.app_peer = self.observer.local_peer(self.host, self.port)  # tap's destination
         self.pool = Pool(
             max_idle=config.inbound.pool_max_idle,
             idle_timeout=config.inbound.pool_idle_timeout,
@@ -112,13 +119,13 @@ class Inbound:
     @property
     def plain(self) -> _Peer:
         if self._plain is None:
-            self._plain = _Peer(self, self._plain_labels)
+            self._plain = _Peer(self, self._plain_labels, self.observer)
         return self._plain
 
     @property
     def passthrough(self) -> _Peer:
         if self._passthrough is None:
-            self._passthrough = _Peer(self, tls.TLS_PASSTHROUGH)
+            self._passthrough = _Peer(self, tls.TLS_PASSTHROUGH, self.observer)
         return self._passthrough
 
     # Kept for callers that look at the plaintext path's objects.
@@ -135,7 +142,8 @@ class Inbound:
         if peer is None:
             if len(self._clients) >= MAX_CLIENT_IDENTITIES:
                 self._clients.clear()
-            peer = self._clients[identity] = _Peer(self, tls.client_id_labels(identity))
+            peer = self._clients[identity] = _Peer(self, tls.client_id_labels(identity),
+                                                   self.observer.for_client(identity))
         return peer
 
     def terminates(self, server_name: str | None) -> bool:
@@ -172,6 +180,7 @@ class Inbound:
             await serve_http1(client, peer.ctx, initial)
             return
         elif result.protocol == "http2":
+            peer = self.plain
             if result.upstream is not None:
                 await self.h2pool.adopt(peer.target.endpoint.key, result.upstream)
             await serve_http2(client, peer.h2ctx, initial)

@@ -32,6 +32,8 @@ drops idle ones after 10 minutes); the bound is what keeps memory in check.
 
 from __future__ import annotations
 
+import math
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, cast
@@ -73,10 +75,11 @@ LabelKey = tuple[tuple[str, str], ...]
 
 
 class _Responses:
-    """Counts and a latency histogram for one (status, grpc status, success) key."""
+    """Counts and a latency histogram for one (status, grpc status, success) key, and
+    the best / worst / last latency since the previous snapshot (for ``viz top``)."""
 
-    __slots__ = ("buckets", "count", "reported", "reported_buckets", "reported_sum",
-                 "sum_ms")
+    __slots__ = ("buckets", "count", "last_mono", "last_ms", "max_ms", "min_ms", "reported",
+                 "reported_buckets", "reported_sum", "sum_ms")
 
     def __init__(self) -> None:
         self.count = 0
@@ -85,6 +88,10 @@ class _Responses:
         self.reported = 0
         self.reported_sum = 0.0
         self.reported_buckets = [0] * _BUCKETS
+        self.min_ms = math.inf  # since the previous snapshot
+        self.max_ms = 0.0
+        self.last_ms = 0.0
+        self.last_mono = 0.0  # monotonic seconds of the last response; 0: not given
 
 
 ResponseKey = tuple[int, int | None, bool]  # status_code (0: none), grpc status, success
@@ -110,10 +117,12 @@ class RequestMetrics:
         self._unobserved += 1
 
     def observe(self, status_code: int, grpc_status: int | None, latency_ms: float,
-                success: bool) -> None:
+                success: bool, now: float = 0.0) -> None:
         """Count a finished response; also counts the request unless ``request()`` did.
 
-        ``status_code`` 0 means no HTTP response (a connect error, a reset).
+        ``status_code`` 0 means no HTTP response (a connect error, a reset). ``now``
+        (monotonic seconds) dates the last latency for reports; without it the report's
+        time stands in.
         """
         if self._unobserved > 0:
             self._unobserved -= 1
@@ -126,6 +135,12 @@ class RequestMetrics:
         responses.count += 1
         responses.sum_ms += latency_ms
         responses.buckets[bisect_left(_BOUNDS, latency_ms)] += 1
+        if latency_ms < responses.min_ms:
+            responses.min_ms = latency_ms
+        if latency_ms > responses.max_ms:
+            responses.max_ms = latency_ms
+        responses.last_ms = latency_ms
+        responses.last_mono = now
 
     def _new_key(self, status_code: int, grpc_status: int | None,
                  success: bool) -> _Responses:
@@ -270,9 +285,10 @@ class ProxyMetrics:
         ``MAX_REPORT_ROWS``. Only the event loop may call this (it updates the marks).
         """
         request_rows: list[RequestRow] = []
+        wall, mono = time.time(), time.monotonic()
         for series in self.request_series():
             for (status, grpc, success), responses in list(series.responses.items()):
-                row = _request_row(series, status, grpc, success, responses)
+                row = _request_row(series, status, grpc, success, responses, wall, mono)
                 if row is not None:
                     request_rows.append(row)
             series.reported_requests = series.requests
@@ -298,11 +314,14 @@ def _peer(labels: Mapping[str, str], direction: Direction) -> tuple[str, str, st
 
 
 def _request_row(series: RequestMetrics, status: int, grpc: int | None, success: bool,
-                 responses: _Responses) -> RequestRow | None:
+                 responses: _Responses, wall: float, mono: float) -> RequestRow | None:
     count = responses.count
     delta = count - responses.reported
     if delta <= 0:
         return None
+    best, worst, last = responses.min_ms, responses.max_ms, responses.last_ms
+    last_at = wall - max(0.0, mono - responses.last_mono) if responses.last_mono else wall
+    responses.min_ms, responses.max_ms = math.inf, 0.0
     buckets = list(responses.buckets)
     sum_ms = responses.sum_ms
     counts = [now - before for now, before in zip(buckets, responses.reported_buckets,
@@ -319,7 +338,9 @@ def _request_row(series: RequestMetrics, status: int, grpc: int | None, success:
         route=labels.get(ROUTE, ""), status_class=_status_class(status), status_code=status,
         grpc_status=grpc, success=success, tls=labels.get(TLS) == "true",
         client_id=labels.get(CLIENT_ID, ""), server_id=labels.get(SERVER_ID, ""),
-        requests=delta, latency_counts=counts, latency_sum_ms=delta_sum)
+        requests=delta, latency_counts=counts, latency_sum_ms=delta_sum,
+        latency_min_ms=round(best, 3), latency_max_ms=round(worst, 3),
+        latency_last_ms=round(last, 3), last_at=last_at)
 
 
 def _tcp_row(tcp: TcpMetrics) -> TcpRow | None:

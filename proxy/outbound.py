@@ -35,6 +35,7 @@ from typing import Protocol
 
 from shoal.schemas.endpoints import LABEL_POD, LABEL_WORKLOAD, Endpoint, EndpointSet
 from shoal.schemas.names import is_dns_label
+from shoal.schemas.tap import Peer
 
 from . import metrics as m
 from . import tls
@@ -72,9 +73,11 @@ ENDPOINT_POLL_SECONDS = 0.02
 # Authorities remembered per router (Host header spellings -> target). Host headers are
 # client input, so the cache is bounded; the oldest spelling is forgotten first.
 MAX_ROUTE_CACHE = 4096
-# Per-endpoint metric series kept per target before the cache is rebuilt (endpoints come
-# and go; the metrics themselves are bounded by metrics.MAX_SERIES).
-MAX_ENDPOINT_SERIES = 1024
+# Per-endpoint-and-route metric series kept per target before the cache is rebuilt
+# (endpoints come and go; the metrics themselves are bounded by metrics.MAX_SERIES).
+MAX_ENDPOINT_SERIES = 4096
+# Opaque connections' series kept per port-mapped upstream (one per endpoint identity).
+MAX_OPAQUE_SERIES = 1024
 # What a client proxy offers in ALPN on an opaque connection to a peer proxy.
 OPAQUE_ALPN = (tls.ALPN_OPAQUE,)
 
@@ -163,8 +166,10 @@ class BalancedTarget:
         self._direction = direction
         self._labels = {m.AUTHORITY: authority, m.DST_NAMESPACE: entry.namespace,
                         m.DST_SERVICE: entry.service}
-        # endpoint -> (the identity its series was made for, the series)
-        self._series: dict[EndpointKey, tuple[str, RequestMetrics]] = {}
+        # endpoint (None: the proxy answered before choosing one) -> (the identity its
+        # series were made for, route -> series); nested: no key tuple per request.
+        self._series: dict[EndpointKey | None, tuple[str, dict[str, RequestMetrics]]] = {}
+        self._cached = 0
         self.name = f"{entry.service}.{entry.namespace}"
 
     def pick(self, now: float, exclude: Collection[EndpointKey]) -> EndpointRef | None:
@@ -201,16 +206,29 @@ class BalancedTarget:
         return {**self._labels,
                 **tls.outbound_labels(endpoint_identity, self.pool.tls is not None)}
 
-    def request_metrics(self, endpoint: EndpointRef) -> RequestCounter:
-        cached = self._series.get(endpoint.key)
-        if cached is None or cached[0] != endpoint.identity:
-            return self._new_series(endpoint)
-        return cached[1]
+    def request_metrics(self, endpoint: EndpointRef | None, route: str = "",
+                        client: bytes | None = None) -> RequestCounter:
+        """Per endpoint (and the identity it has now) and route (the caller is this
+        proxy's own workload)."""
+        if endpoint is None:
+            key, identity = None, ""
+        else:
+            key, identity = endpoint.key, endpoint.identity
+        cached = self._series.get(key)
+        if cached is not None and cached[0] == identity:
+            series = cached[1].get(route)
+            if series is not None:
+                return series
+        return self._new_series(endpoint, key, identity, route)
 
-    def _new_series(self, endpoint: EndpointRef) -> RequestMetrics:
-        if len(self._series) >= MAX_ENDPOINT_SERIES:
+    def _new_series(self, endpoint: EndpointRef | None, key: EndpointKey | None,
+                    identity: str, route: str) -> RequestMetrics:
+        if self._cached >= MAX_ENDPOINT_SERIES:
             self._series.clear()
-        labels = self.labels(endpoint.identity)
+            self._cached = 0
+        labels = self.labels(identity)
+        if route:
+            labels[m.ROUTE] = route
         if isinstance(endpoint, EndpointState):  # Linkerd's dst_* labels, where known
             endpoint_labels = endpoint.endpoint.labels
             if endpoint_labels.get(LABEL_WORKLOAD):
@@ -218,8 +236,25 @@ class BalancedTarget:
             if endpoint_labels.get(LABEL_POD):
                 labels["dst_pod"] = endpoint_labels[LABEL_POD]
         series = self._metrics.request_metrics(self._direction, labels)
-        self._series[endpoint.key] = (endpoint.identity, series)
+        cached = self._series.get(key)
+        if cached is None or cached[0] != identity:
+            cached = self._series[key] = (identity, {})
+        cached[1][route] = series
+        self._cached += 1
         return series
+
+    def destination(self, endpoint: EndpointRef | None) -> Peer:
+        """The endpoint as tap shows it: address, and workload, pod and identity from
+        discovery where known."""
+        if endpoint is None:
+            return Peer(namespace=self.entry.namespace)
+        address, port = endpoint.key
+        if not isinstance(endpoint, EndpointState):
+            return Peer(address=address, port=port, namespace=self.entry.namespace)
+        known = endpoint.endpoint
+        return Peer(address=address, port=port, namespace=self.entry.namespace,
+                    workload=known.labels.get(LABEL_WORKLOAD, ""),
+                    pod=known.labels.get(LABEL_POD, ""), identity=known.identity)
 
     def on_dispatch(self, endpoint: EndpointRef, now: float) -> None:
         assert isinstance(endpoint, EndpointState)
@@ -330,13 +365,14 @@ class Outbound:
                  h2pool: H2Pool) -> None:
         self.config = config
         router = OutboundRouter(services, config.namespace)
+        self.observer = runtime.observer("outbound")
         tcp = runtime.metrics.tcp_metrics("outbound", {"peer": "src", **tls.TLS_LOOPBACK})
         self.h2pool = h2pool
         self.h2ctx = H2Context(router=router, pool=h2pool, http1=config.http1, tcp=tcp,
-                               connections=runtime.connections)
+                               connections=runtime.connections, observer=self.observer)
         self.ctx = ServerContext(
             router=router, settings=config.http1, tcp=tcp, connections=runtime.connections,
-            tunnel_h2=self._tunnel_h2)
+            observer=self.observer, tunnel_h2=self._tunnel_h2)
         self.no_destination = 0  # opaque connections closed for want of a destination
 
     def _tunnel_h2(self, client: asyncio.Transport, initial: bytes, target: Target,
@@ -347,7 +383,7 @@ class Outbound:
         pool (a TLS one, made for HTTP/1, was closed: the pool opens its own)."""
         ctx = H2Context(router=FixedH2Router(target), pool=self.h2pool,
                         http1=self.config.http1, tcp=self.h2ctx.tcp,
-                        connections=self.h2ctx.connections)
+                        connections=self.h2ctx.connections, observer=self.observer)
         if upstream is not None:
             self.h2pool.adopt_transport(key, upstream, upstream_data)
         adopt_server(client, ctx, initial)
@@ -386,16 +422,18 @@ class PortMapped:
         self.target = services.target(mapping.target, mapping.port)
         self.tls = client_tls
         self.metrics = runtime.metrics
+        self.observer = runtime.observer("outbound")
         labels = {m.AUTHORITY: self.target.authority.decode(),
                   m.DST_NAMESPACE: mapping.target.namespace,
                   m.DST_SERVICE: mapping.target.service}
         tcp = self.metrics.tcp_metrics("outbound", {"peer": "src", **labels, **tls.TLS_LOOPBACK})
         self.ctx = ServerContext(
             router=FixedRouter(self.target), settings=config.http1, tcp=tcp,
-            connections=runtime.connections)
+            connections=runtime.connections, observer=self.observer)
         self.h2pool = h2pool
         self.h2ctx = H2Context(router=FixedH2Router(self.target), pool=h2pool,
-                               http1=config.http1, tcp=tcp, connections=runtime.connections)
+                               http1=config.http1, tcp=tcp, connections=runtime.connections,
+                               observer=self.observer)
         self._opaque_tcp: dict[str, TcpMetrics] = {}
         self.opaque = mapping.port is not None and mapping.port in config.opaque_ports
         self.unreachable = 0
@@ -405,7 +443,7 @@ class PortMapped:
         """Opaque connections' counters, by the TLS labels of the endpoint they go to."""
         series = self._opaque_tcp.get(endpoint_identity)
         if series is None:
-            if len(self._opaque_tcp) >= MAX_ENDPOINT_SERIES:
+            if len(self._opaque_tcp) >= MAX_OPAQUE_SERIES:
                 self._opaque_tcp.clear()
             series = self.metrics.tcp_metrics("outbound", {
                 "peer": "src", "protocol": "opaque",

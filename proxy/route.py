@@ -9,13 +9,17 @@ Outbound targets are balanced over discovered endpoints (outbound.py); the inbou
 is the local application, a single fixed endpoint (``FixedTarget`` here).
 
 The metrics objects are duck-typed here (``RequestCounter``/``TcpCounter``) so the engines
-do not depend on how metrics are kept; proxy/metrics.py provides the real ones.
+do not depend on how metrics are kept; proxy/metrics.py provides the real ones. A Target
+hands out one series per (endpoint, route, caller), so a request costs one cached lookup,
+and says who the destination is (``destination``) for tap events.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Protocol
+
+from shoal.schemas.tap import Peer
 
 from .errors import MethodNotAllowed, NoEndpoints
 from .http1.framing import RequestHead
@@ -34,7 +38,13 @@ class RequestCounter(Protocol):
     def request(self) -> None: ...
 
     def observe(self, status_code: int, grpc_status: int | None, latency_ms: float,
-                success: bool) -> None: ...
+                success: bool, now: float = 0.0) -> None: ...
+
+
+class SeriesSource(Protocol):
+    """Request series by route and caller (``RouteSeries`` in metrics.py)."""
+
+    def series(self, route: str, client: bytes | None) -> RequestCounter: ...
 
 
 class TcpCounter(Protocol):
@@ -74,7 +84,15 @@ class Target(Protocol):
         """Wait for an endpoint up to the fail-fast timeout; raises NoEndpoints."""
         ...
 
-    def request_metrics(self, endpoint: EndpointRef) -> RequestCounter: ...
+    def request_metrics(self, endpoint: EndpointRef | None, route: str = "",
+                        client: bytes | None = None) -> RequestCounter:
+        """The series a request counts on: per endpoint (None: the proxy answered before
+        choosing one), route label and, inbound, the caller's ``ns/workload``."""
+        ...
+
+    def destination(self, endpoint: EndpointRef | None) -> Peer:
+        """Who the request goes to, for tap (cold path: tapped requests only)."""
+        ...
 
     def on_dispatch(self, endpoint: EndpointRef, now: float) -> None: ...
 
@@ -99,8 +117,11 @@ class NullRequestCounter:
         pass
 
     def observe(self, status_code: int, grpc_status: int | None, latency_ms: float,
-                success: bool) -> None:
+                success: bool, now: float = 0.0) -> None:
         pass
+
+
+NULL_COUNTER = NullRequestCounter()
 
 
 class NullTcpCounter:
@@ -118,14 +139,20 @@ class NullTcpCounter:
 
 
 class FixedTarget:
-    """A single endpoint with nothing to balance: the inbound side's local app."""
+    """A single endpoint with nothing to balance: the inbound side's local app.
+
+    ``metrics`` counts every request unless ``series`` is given, which then picks the
+    series by route and caller; ``peer`` is what tap shows as the destination."""
 
     def __init__(self, address: str, port: int, pool: Pool, metrics: RequestCounter,
-                 connect_timeout: float, authority: bytes | None = None) -> None:
+                 connect_timeout: float, authority: bytes | None = None, *,
+                 series: SeriesSource | None = None, peer: Peer | None = None) -> None:
         self.endpoint = FixedEndpoint((address, port))
         self.authority = authority or f"{address}:{port}".encode()
         self.pool = pool
         self.metrics = metrics
+        self.series = series
+        self.peer = peer or Peer(address=address, port=port)
         self.connect_timeout = connect_timeout
 
     def pick(self, now: float, exclude: Collection[EndpointKey]) -> EndpointRef | None:
@@ -136,8 +163,14 @@ class FixedTarget:
             raise NoEndpoints(f"no endpoint left for {self.authority.decode()}")
         return self.endpoint
 
-    def request_metrics(self, endpoint: EndpointRef) -> RequestCounter:
+    def request_metrics(self, endpoint: EndpointRef | None, route: str = "",
+                        client: bytes | None = None) -> RequestCounter:
+        if self.series is not None:
+            return self.series.series(route, client)
         return self.metrics
+
+    def destination(self, endpoint: EndpointRef | None) -> Peer:
+        return self.peer
 
     def on_dispatch(self, endpoint: EndpointRef, now: float) -> None:
         pass

@@ -3,15 +3,19 @@ header redaction, body capture, and the three events a tapped request produces.
 
 The hot path asks one question, ``registry.active``: False while no open session can
 match this proxy (no session, or none whose namespace/workload/pod filter names it), so
-with tap unused a request costs one attribute check. Only when it is True does the proxy
-build a ``RequestInfo`` and call ``registry.request_start``, which applies the filters and
-each session's token bucket and returns a ``TapRecord`` (or None); the record then
-produces the response events. Events go to ``shoal.v1.tap.<ns>.<workload>.<pod>``, once
-per request whatever the number of sessions, listing the matching sessions' ids.
+with tap unused a request costs one attribute check. When it is True the proxy asks
+``registry.can_emit()`` (has any of those sessions a token left? at 100 events/s under
+heavy traffic most requests stop here), and only then builds a ``RequestInfo`` and calls
+``registry.request_start``, which applies the filters and each session's token bucket and
+returns a ``TapRecord`` (or None); the record then produces the response events. Events
+go to ``shoal.v1.tap.<ns>.<workload>.<pod>``, once per request whatever the number of
+sessions, listing the matching sessions' ids.
 
 Sessions come from the ``shoal_tap`` bucket (``TapRegistry.watch``), or from anything
 that calls ``apply(key, value)``. Entries removed by the bucket's TTL produce no delete
-event, so the registry also honours each session's ``expires_at`` on its own.
+event, so the registry also honours each session's ``expires_at`` on its own. A watch
+(re)started after the bus was away replays the bucket; sessions it no longer holds were
+closed meanwhile and are dropped (``retain``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -69,9 +74,13 @@ class LocalProxy:
     pod: str
 
 
-@dataclass(frozen=True)
+Headers = Sequence[tuple[str, str]] | Sequence[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
 class RequestInfo:
-    """What the proxy knows about a request when its head arrives."""
+    """What the proxy knows about a request when its head arrives. Headers may be the
+    engine's raw bytes pairs: they are decoded only for an event that goes out."""
 
     id: str  # "<connection>:<stream>", as Linkerd's id=B:S
     direction: Direction
@@ -82,7 +91,7 @@ class RequestInfo:
     source: Peer = field(default_factory=Peer)
     destination: Peer = field(default_factory=Peer)
     tls: bool = False
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: Headers = ()
 
 
 def proxy_can_match(filter_: TapFilter, local: LocalProxy) -> bool:
@@ -138,22 +147,40 @@ class TokenBucket:
         self.last = now
 
     def take(self, now: float) -> bool:
-        elapsed = max(0.0, now - self.last)
-        self.last = now
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        if self.tokens >= 1.0:
+        if self.available(now):
             self.tokens -= 1.0
             return True
         return False
 
+    def available(self, now: float) -> bool:
+        """Refill to ``now``; whether a token is there (none is taken). Asked per request
+        while a session is open, so a full bucket skips the arithmetic."""
+        tokens = self.tokens
+        if tokens < self.burst:
+            elapsed = now - self.last
+            if elapsed > 0.0:
+                tokens += elapsed * self.rate
+                if tokens > self.burst:
+                    tokens = self.burst
+                self.tokens = tokens
+        if now > self.last:
+            self.last = now
+        return tokens >= 1.0
 
-def redact(headers: Iterable[tuple[str, str]], extra: Iterable[str] = ()) -> dict[str, str]:
-    """Headers as an event carries them: names lower-cased, repeated headers joined with
-    ", ", sensitive values replaced by ``[REDACTED]``, bounded in count and size."""
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def redact(headers: Headers, extra: Iterable[str] = ()) -> dict[str, str]:
+    """Headers as an event carries them (str or raw bytes pairs): names lower-cased,
+    repeated headers joined with ", ", sensitive values replaced by ``[REDACTED]``,
+    bounded in count and size."""
     hidden = DEFAULT_REDACTED_HEADERS | {name.lower() for name in extra}
     out: dict[str, str] = {}
-    for raw_name, value in headers:
-        name = raw_name.lower()
+    for raw_name, raw_value in headers:
+        name = _text(raw_name).lower()
+        value = _text(raw_value)
         if name not in out and len(out) >= MAX_EVENT_HEADERS:
             continue
         shown = REDACTED if name in hidden else value[:MAX_HEADER_VALUE_CHARS]
@@ -189,7 +216,7 @@ class TapRecord:
     started: float  # monotonic seconds
     ended: bool = False
 
-    def response_start(self, status: int, headers: Iterable[tuple[str, str]] = (),
+    def response_start(self, status: int, headers: Headers = (),
                        now: float | None = None) -> None:
         latency = (time.monotonic() if now is None else now) - self.started
         r = self.request
@@ -229,6 +256,7 @@ class TapRegistry:
         self._body_allowed = body_allowed or (lambda _request: False)
         self._clock = clock
         self._sessions: dict[str, ActiveSession] = {}
+        self._buckets: list[TokenBucket] = []  # of the live sessions that can match here
         self._next_expiry = math.inf
         self._decoder: Decoder[TapSession] = Decoder(TapSession, names.BUCKET_TAP)
         self.published = 0
@@ -258,6 +286,14 @@ class TapRegistry:
                                                 proxy_can_match(session.filter, self.local))
         self._recompute(now)
 
+    def retain(self, keys: Iterable[str], now: float | None = None) -> None:
+        """Keep only these sessions: the bucket's whole content after a (re)watch."""
+        now = self._clock() if now is None else now
+        wanted = set(keys)
+        for key in [k for k in self._sessions if k not in wanted]:
+            del self._sessions[key]
+        self._recompute(now)
+
     def expire(self, now: float | None = None) -> None:
         now = self._clock() if now is None else now
         if now >= self._next_expiry:
@@ -269,6 +305,7 @@ class TapRegistry:
     def _recompute(self, now: float) -> None:
         live = [s for s in self._sessions.values()
                 if s.can_match and (not s.session.expires_at or s.session.expires_at > now)]
+        self._buckets = [s.bucket for s in live]
         self.active = bool(live)
         expiries = [s.session.expires_at for s in self._sessions.values()
                     if s.session.expires_at]
@@ -277,6 +314,17 @@ class TapRegistry:
     @property
     def sessions(self) -> list[TapSession]:
         return [s.session for s in self._sessions.values()]
+
+    def can_emit(self, now: float | None = None) -> bool:
+        """Whether any session that could match this proxy has a token left: when none
+        has, no request can be tapped, so the caller need not describe it."""
+        wall = self._clock() if now is None else now
+        if wall >= self._next_expiry:
+            self.expire(wall)
+        for bucket in self._buckets:  # noqa: SIM110 - a loop: any(generator) costs more
+            if bucket.available(wall):
+                return True
+        return False
 
     # ----- events
 
@@ -330,6 +378,7 @@ class TapRegistry:
                 kv = await nc.jetstream().key_value(names.BUCKET_TAP)
                 watcher = await kv.watchall()
                 failures = 0
+                initial: set[str] | None = set()  # keys until the end-of-initial marker
                 try:
                     while not stopping.is_set():
                         try:
@@ -339,8 +388,13 @@ class TapRegistry:
                             self.expire()
                             continue
                         if entry is None:  # the end of the initial values
+                            if initial is not None:
+                                self.retain(initial)
+                                initial = None
                             continue
                         deleted = entry.operation is not None  # DEL or PURGE
+                        if initial is not None and not deleted:
+                            initial.add(entry.key)
                         self.apply(entry.key, None if deleted else entry.value)
                 finally:
                     with contextlib.suppress(Exception):
@@ -358,32 +412,46 @@ class TapRegistry:
 
 
 class TapPublisher:
-    """The bounded queue between the hot path (``emit``, never blocks) and the bus."""
+    """The bounded queue between the hot path (``emit``: an append, never blocks) and the
+    bus. The runner wakes once for whatever has accumulated and hands it all to the
+    client in one go (a publish only appends to nats-py's buffer), so under load tap
+    events cost a wake-up per event-loop pass, not per event."""
 
     def __init__(self, limit: int = TAP_QUEUE_LIMIT) -> None:
-        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(limit)
+        self.limit = limit
+        self.queue: deque[tuple[str, bytes]] = deque()
+        self._ready = asyncio.Event()
         self.dropped = 0
+        self.sent = 0
 
     def emit(self, subject: str, payload: bytes) -> None:
-        try:
-            self.queue.put_nowait((subject, payload))
-        except asyncio.QueueFull:
+        if len(self.queue) >= self.limit:
             if not self.dropped:
-                log.warning("tap: event queue full (%d); dropping events", TAP_QUEUE_LIMIT)
+                log.warning("tap: event queue full (%d); dropping events", self.limit)
             self.dropped += 1
+            return
+        self.queue.append((subject, payload))
+        if not self._ready.is_set():
+            self._ready.set()
 
     async def run(self, nc: Client, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            getter = asyncio.ensure_future(self.queue.get())
-            stop = asyncio.ensure_future(stopping.wait())
-            done, _ = await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            while not stopping.is_set():
+                ready = asyncio.ensure_future(self._ready.wait())
+                await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not ready.done():
+                    ready.cancel()
+                    return
+                self._ready.clear()
+                queue = self.queue
+                while queue:
+                    subject, payload = queue.popleft()
+                    try:
+                        await nc.publish(subject, payload)
+                        self.sent += 1
+                    except Exception as error:  # the bus is away: tap is best effort
+                        self.dropped += 1
+                        log.debug("tap: publish failed: %s", error)
+        finally:
             stop.cancel()
-            if getter not in done:
-                getter.cancel()
-                return
-            subject, payload = getter.result()
-            try:
-                await nc.publish(subject, payload)
-            except Exception as error:  # the bus is away: tap events are best effort
-                self.dropped += 1
-                log.debug("tap: publish failed: %s", error)

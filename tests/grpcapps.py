@@ -49,6 +49,7 @@ class GrpcBackend:
         self.port = int(self._reservation.getsockname()[1])
         self.stream_gap = stream_gap
         self.calls: Counter[str] = Counter()
+        self.metadata_keys: set[str] = set()  # every request metadata key the app saw
         self.lock = threading.Lock()
         self.options = options or []
         self.server: grpc.Server | None = None
@@ -85,6 +86,7 @@ class GrpcBackend:
     def _count(self, method: str, context: grpc.ServicerContext) -> None:
         with self.lock:
             self.calls[method] += 1
+            self.metadata_keys.update(key for key, _ in context.invocation_metadata())
         context.send_initial_metadata((("x-backend", self.name),))
 
     def _unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:

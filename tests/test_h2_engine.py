@@ -31,6 +31,7 @@ from shoal.proxy.config import H2_STREAM_WINDOW
 from shoal.proxy.detect import HTTP2_PREFACE
 from shoal.proxy.errors import DeadlineExceeded, NoEndpoints, render_h2
 from shoal.proxy.http2 import grpc
+from shoal.proxy.http2.codec import error_name
 from shoal.proxy.http2.headers import (
     MalformedHeaders,
     parse_request,
@@ -59,6 +60,13 @@ def test_request_rules() -> None:
                  (b"host", b"web")]
     assert parse_request(host_only).authority == b"web"
     assert not parse_request(host_only).grpc
+    assert parse_request(host_only).client_workload is None
+    stamped = parse_request([*host_only, (b"shoal-client-workload", b"demo/web"),
+                             (b"x-after", b"1")])
+    assert stamped.client_workload == b"demo/web"  # the mesh's field stops here
+    assert stamped.headers == [*host_only, (b"x-after", b"1")]
+    assert [error_name(code) for code in (0x0, 0x2, 0x7, 0x8, 0xD, 0x2F)] == [
+        "NO_ERROR", "INTERNAL_ERROR", "REFUSED_STREAM", "CANCEL", "HTTP_1_1_REQUIRED", "0x2f"]
 
 
 @pytest.mark.parametrize("headers", [

@@ -23,6 +23,9 @@ headers travel to the next hop. The rules, with their sources:
   Connection; after a 101 both connections carry opaque bytes.
 * Expect: 100-continue (RFC 9110 10.1.1) travels end to end; interim 1xx responses are
   relayed to HTTP/1.1 clients and dropped for HTTP/1.0 ones.
+* ``shoal-client-workload`` (observe.CLIENT_WORKLOAD_HEADER) is the mesh's own field: a
+  client's copy never travels on (so an app cannot pose as another workload to the next
+  proxy), its value is kept aside as ``RequestHead.client_workload``.
 
 Bodies are forwarded as they arrive. Content-Length bodies keep their header and bytes;
 chunked bodies are re-chunked one chunk per read (with the received Transfer-Encoding
@@ -131,6 +134,8 @@ class RequestHead:
     # Set by the router: send ``host`` as the Host field (absolute-form, RFC 9112 3.2.2,
     # or an HTTP/1.0 request that had none).
     rewrite_host: bool = False
+    # The caller's ``shoal-client-workload`` value (the field itself is not forwarded).
+    client_workload: bytes | None = None
 
     @property
     def is_connect(self) -> bool:
@@ -151,14 +156,18 @@ class ResponseHead:
 
 # What a field name means to framing. Kept fields travel on and are also read; the
 # others are hop-by-hop: read (or just noted) and left out of ``FieldScan.headers``.
-_F_HOST, _F_LENGTH, _F_EXPECT, _F_CODING, _F_CONNECTION, _F_UPGRADE, _F_HOP = range(1, 8)
+_F_HOST, _F_LENGTH, _F_EXPECT, _F_CODING, _F_CONNECTION, _F_UPGRADE, _F_HOP, _F_CLIENT = (
+    range(1, 9))
+# The mesh's caller field (observe.CLIENT_WORKLOAD_HEADER; framing may not import it).
+CLIENT_WORKLOAD_FIELD = b"shoal-client-workload"
 _COMMON_FIELDS = {
     _CONTENT_LENGTH: _F_LENGTH, _TRANSFER_ENCODING: _F_CODING, _CONNECTION: _F_CONNECTION,
     _PROXY_CONNECTION: _F_CONNECTION, _UPGRADE: _F_UPGRADE, b"keep-alive": _F_HOP,
     b"te": _F_HOP,
 }
 REQUEST_FIELDS: dict[bytes, int] = {
-    **_COMMON_FIELDS, _HOST: _F_HOST, _EXPECT: _F_EXPECT, b"proxy-authorization": _F_HOP}
+    **_COMMON_FIELDS, _HOST: _F_HOST, _EXPECT: _F_EXPECT, b"proxy-authorization": _F_HOP,
+    CLIENT_WORKLOAD_FIELD: _F_CLIENT}
 RESPONSE_FIELDS: dict[bytes, int] = {**_COMMON_FIELDS, b"proxy-authenticate": _F_HOP}
 # Connection tokens that name no field of their own: they never widen the drop set.
 _PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
@@ -180,8 +189,8 @@ class FieldScan:
     framing rules need are kept aside. The protocols hand ``add`` to httptools as the
     ``on_header`` callback, so each field costs one call; ``reset`` between heads."""
 
-    __slots__ = ("coding", "connection", "expect", "fields", "headers", "host", "hosts",
-                 "length", "size", "upgrade")
+    __slots__ = ("client", "coding", "connection", "expect", "fields", "headers", "host",
+                 "hosts", "length", "size", "upgrade")
 
     def __init__(self, fields: dict[bytes, int]) -> None:
         self.fields = fields
@@ -194,12 +203,13 @@ class FieldScan:
         self.coding: bytes | None = None
         self.connection: bytes | None = None
         self.upgrade: bytes | None = None
+        self.client: bytes | None = None
 
     def reset(self) -> None:
         self.headers = []
         self.size = self.hosts = 0
         self.host = self.length = self.expect = None
-        self.coding = self.connection = self.upgrade = None
+        self.coding = self.connection = self.upgrade = self.client = None
 
     def trailers(self) -> None:
         """The head was taken: what ``add`` gets from now on are trailer fields."""
@@ -226,6 +236,8 @@ class FieldScan:
             self.connection = _join(self.connection, value)
         elif code == _F_UPGRADE:
             self.upgrade = _join(self.upgrade, value)
+        elif code == _F_CLIENT:
+            self.client = value  # one value: a repeated field keeps the last
 
 
 def scan_of(headers: list[Header], fields: dict[bytes, int]) -> FieldScan:
@@ -273,7 +285,7 @@ def analyze_request(method: bytes, target: bytes, minor: int,
         kept = _end_to_end(kept, tokens)
     # Content-Length stays: the body bytes are forwarded unchanged, so it holds.
     return RequestHead(method, target, minor, kept, scan.host, body, length, keep_alive,
-                       upgrade, expect_continue, coding or b"")
+                       upgrade, expect_continue, coding or b"", client_workload=scan.client)
 
 
 def analyze_response(status: int, reason: bytes, minor: int,

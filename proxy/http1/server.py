@@ -24,6 +24,9 @@ Rules the code keeps:
   half-closes included.
 * Time limits (request head, idle keep-alive, response head, stalled stream) are checked
   by ``Connections.sweep`` once a second rather than with a timer per request.
+* Metrics and tap see the connection through one ``observe.ConnectionObserver`` and each
+  request through one ``observe.RequestObserver`` (``Exchange.obs``); the engine only
+  reports events to them (sent, response head, body bytes, end, failure).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -51,7 +54,8 @@ from ..errors import (
     UpstreamReset,
     render,
 )
-from ..route import EndpointKey, EndpointRef, RequestCounter, Target, TcpCounter
+from ..observe import ConnectionObserver, Observer, RequestObserver
+from ..route import EndpointKey, EndpointRef, Target, TcpCounter
 from .client import HTTP1_ALPN, TUNNEL_ALPN
 from .flow import (
     PEER_FULL,
@@ -145,6 +149,8 @@ class ServerContext:
     settings: Http1Settings
     tcp: TcpCounter
     connections: Connections
+    # Metrics labels and tap for the room (the default: no tap, nothing stamped).
+    observer: Observer = field(default_factory=lambda: Observer("inbound"))
     # Given, a CONNECT tunnel whose client starts with the HTTP/2 preface is handed to it
     # (client transport, bytes read, the tunnel's target, upstream transport, its
     # endpoint, bytes the upstream sent) instead of being relayed as bytes.
@@ -163,7 +169,7 @@ class Exchange:
     target: Target | None = None
     endpoint: EndpointRef | None = None
     upstream: UpstreamProtocol | None = None
-    metrics: RequestCounter | None = None
+    obs: RequestObserver | None = None  # metrics and tap for this request
     task: asyncio.Task[None] | None = None
     pending: list[bytes] | None = None  # body bytes held until the upstream is attached
     pending_bytes = 0
@@ -172,7 +178,6 @@ class Exchange:
     out_body: Body | None = None
     close_after = False
     balanced = False  # the balancer has been told how it ended
-    observed = False  # metrics have counted the response
     retried = False
     done = False
     started = 0.0
@@ -219,6 +224,7 @@ class ServerProtocol(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         self.gate = ReadGate(transport)
+        self.obs: ConnectionObserver = self.ctx.observer.connection(transport)
         self.ctx.connections.live.add(self)
         self.ctx.tcp.opened()
         if self.ctx.connections.draining:
@@ -237,6 +243,8 @@ class ServerProtocol(asyncio.Protocol):
             if ex.task is not None:
                 ex.task.cancel()
                 ex.task = None
+            if ex.obs is not None and not ex.done:
+                ex.obs.fail(0, "CANCEL")
             conn = ex.upstream
             if conn is not None:
                 # The client went away mid-exchange: not the endpoint's fault.
@@ -558,8 +566,13 @@ class ServerProtocol(asyncio.Protocol):
         if conn.write_paused:
             self.gate.pause(PEER_FULL)
         target.on_dispatch(endpoint, now)
-        metrics = ex.metrics = target.request_metrics(endpoint)
-        metrics.request()
+        if ex.obs is None:  # not again when a stale pooled connection is replaced
+            ex.obs = self.obs.request(target, endpoint, head.method,
+                                      head.host or target.authority, head.target,
+                                      head.headers, head.client_workload, now)
+            stamp = self.ctx.observer.stamp
+            if stamp is not None:
+                head.headers.append(stamp)
         data = render_request_head(head)
         if ex.pending:
             data = b"".join([data, *ex.pending])
@@ -576,9 +589,12 @@ class ServerProtocol(asyncio.Protocol):
         ex.endpoint = endpoint
         target.on_dispatch(endpoint, now)
         target.on_complete(endpoint, now, now - ex.started, True)
-        metrics = target.request_metrics(endpoint)
-        metrics.request()
-        metrics.observe(200, None, (now - ex.started) * 1000.0, True)
+        head = ex.head
+        assert head is not None
+        obs = self.obs.request(target, endpoint, head.method, head.target, b"", head.headers,
+                               head.client_workload, ex.started)
+        obs.response_start(200, (), now)
+        obs.response_end((), now)
         conn.bind(self)
         conn.tunnel = True
         self.peer = conn
@@ -621,9 +637,7 @@ class ServerProtocol(asyncio.Protocol):
         if not ex.balanced:
             ex.balanced = True
             ex.target.on_complete(ex.endpoint, now, rtt, success)  # type: ignore[union-attr,arg-type]
-        if not ex.observed:
-            ex.observed = True
-            ex.metrics.observe(status, None, rtt * 1000.0, success)  # type: ignore[union-attr]
+        ex.obs.response_start(status, response.headers, now)  # type: ignore[union-attr]
         if response.upgrade is not None:
             self._out += render_response_head(response, Body.NONE, False, head.minor)
             return False  # the switch follows (on_upstream_switched)
@@ -643,6 +657,7 @@ class ServerProtocol(asyncio.Protocol):
         ex = self.current
         if ex is None or ex.out_body is None:
             return
+        ex.obs.response_bytes += len(body)  # type: ignore[union-attr]
         if ex.out_body is Body.CHUNKED:
             self._out += (chunk_header(len(body)), body, CRLF)
         else:
@@ -654,6 +669,7 @@ class ServerProtocol(asyncio.Protocol):
             return
         if ex.out_body is Body.CHUNKED:
             self._out.append(last_chunk(trailers))
+        ex.obs.response_end(trailers)  # type: ignore[union-attr]
         # The fast path of _release + _finish + _advance for a kept-alive connection.
         ex.upstream = None
         self.peer = None
@@ -702,6 +718,7 @@ class ServerProtocol(asyncio.Protocol):
             self._fail(ex, error)
             return
         # Mid-body: the client's response is cut short; closing is all that is left.
+        ex.obs.fail(0, "INTERNAL_ERROR")  # type: ignore[union-attr]
         self._release(ex, conn, reusable=False)
         self.flush()
         self.abort()
@@ -713,6 +730,7 @@ class ServerProtocol(asyncio.Protocol):
             conn.abort()
             return
         self.flush()
+        ex.obs.response_end()  # type: ignore[union-attr]
         if tail:
             self.tunnel_write(tail)
         self.tunnel = True
@@ -812,15 +830,22 @@ class ServerProtocol(asyncio.Protocol):
             # A client's fault (4xx) says nothing about the endpoint.
             self._settle(ex, success=error.status < 500)
             self._release(ex, conn, reusable=False)
+        head = ex.head
+        obs = ex.obs
+        if obs is None and head is not None:
+            # Answered before any upstream was reached: counted (on the target's series
+            # without endpoint labels, when routing got that far) and tapped all the same.
+            obs = ex.obs = self.obs.request(
+                ex.target, None, head.method, head.host or b"", head.target, head.headers,
+                head.client_workload, ex.started or monotonic())
         if ex.out_body is not None:  # the response head already went out
+            if obs is not None:
+                obs.fail(0, "INTERNAL_ERROR")
             self.flush()
             self.abort()
             return
-        head = ex.head
-        if ex.metrics is not None and not ex.observed:
-            ex.observed = True
-            elapsed = (monotonic() - ex.started) * 1000.0 if ex.started else 0.0
-            ex.metrics.observe(error.status, None, elapsed, False)
+        if obs is not None:
+            obs.fail(error.status)
         # A request without a body is complete at its head, even if the error comes
         # before httptools reports the message complete.
         complete = ex.request_done or (head is not None and head.body is Body.NONE)

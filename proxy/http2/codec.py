@@ -29,6 +29,17 @@ STREAM_CLOSED: Final = 0x5
 REFUSED_STREAM: Final = 0x7
 CANCEL: Final = 0x8
 ENHANCE_YOUR_CALM: Final = 0xB
+# Every code's name (RFC 9113 section 7), as tap events name a reset.
+ERROR_NAMES: Final = ("NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR",
+                      "SETTINGS_TIMEOUT", "STREAM_CLOSED", "FRAME_SIZE_ERROR",
+                      "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR", "CONNECT_ERROR",
+                      "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED")
+
+
+def error_name(code: int) -> str:
+    """``0x8`` -> ``"CANCEL"``; an unknown code as its number (RFC 9113 section 7: treat
+    it as INTERNAL_ERROR, but say what came)."""
+    return ERROR_NAMES[code] if 0 <= code < len(ERROR_NAMES) else f"0x{code:x}"
 
 
 class CodecError(Exception):

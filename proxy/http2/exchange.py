@@ -20,9 +20,15 @@ Rules:
   trailers-only gRPC status for gRPC); after it, a reset (or, for an expired gRPC
   deadline, trailers with DEADLINE_EXCEEDED).
 * ``grpc-timeout`` is honoured with one timer per request that carries it.
-* Classification at the end (grpc.py): metrics get the status, the gRPC status and
-  success; the balancer gets the time to the response head and whether the endpoint
-  failed.
+* Metrics and tap through one ``RequestObserver`` per request (observe.py, as the HTTP/1
+  engine): opened when the request is first sent upstream (or answered by the proxy),
+  ``response_start`` with the response head, ``response_end`` when the stream ends
+  (the grpc-status from the trailers or a trailers-only head), ``fail`` when a stream
+  is cut (the reset's RFC 9113 name: CANCEL from the client, INTERNAL_ERROR, or the
+  upstream's code). Non-gRPC responses are counted at their head, gRPC ones at the end
+  (classification, grpc.py: success only with grpc-status 0); the route label of a
+  gRPC request is its method path. The balancer gets the time to the response head and
+  whether the endpoint failed.
 """
 
 from __future__ import annotations
@@ -42,9 +48,18 @@ from ..errors import (
     UpstreamReset,
     render_h2,
 )
-from ..route import EndpointKey, EndpointRef, RequestCounter, Target
+from ..observe import RequestObserver
+from ..route import EndpointKey, EndpointRef, Target
 from . import grpc
-from .codec import CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR, Headers, StreamClosed
+from .codec import (
+    CANCEL,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    Headers,
+    StreamClosed,
+    error_name,
+)
 from .headers import MalformedHeaders, Request, scan_response, scan_trailers
 
 log = logging.getLogger("shoal.proxy.http2")
@@ -161,7 +176,7 @@ class Flow:
 class Exchange:
     """One request and its response; see the module docstring."""
 
-    __slots__ = ("client", "done", "down", "endpoint", "grpc_status", "head_at", "metrics",
+    __slots__ = ("client", "done", "down", "endpoint", "grpc_status", "head_at", "obs",
                  "pending_reset", "request", "response_started", "retried", "server", "sid",
                  "started", "status", "target", "task", "timer", "uid", "up")
 
@@ -177,7 +192,7 @@ class Exchange:
         self.uid = 0
         self.target: Target | None = None
         self.endpoint: EndpointRef | None = None
-        self.metrics: RequestCounter | None = None
+        self.obs: RequestObserver | None = None  # metrics and tap, from the first send
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.started = 0.0
@@ -267,9 +282,8 @@ class Exchange:
         self.endpoint = endpoint
         self.started = now
         target.on_dispatch(endpoint, now)
-        if self.metrics is None:  # a retried request is counted once
-            metrics = self.metrics = target.request_metrics(endpoint)
-            metrics.request()
+        if self.obs is None:  # a retried request is counted once
+            self.obs = self._observe(target, endpoint, now)
         down = self.down = Flow(self, conn, uid)
         down.dst = self.server
         down.dst_id = self.sid
@@ -280,6 +294,17 @@ class Exchange:
         else:
             up.pump()
         return True
+
+    def _observe(self, target: Target | None, endpoint: EndpointRef | None,
+                 now: float) -> RequestObserver:
+        """Count the request on its series (by route: the gRPC method path, or the HTTP
+        method and path template) and tap it if a session matches."""
+        request = self.request
+        conn = self.server.obs
+        assert conn is not None
+        return conn.request(target, endpoint, request.method, request.authority or b"",
+                            request.path, request.headers, request.client_workload, now,
+                            grpc=request.grpc)
 
     # -- client side events (server.py) -----------------------------------------------------
 
@@ -309,9 +334,12 @@ class Exchange:
             self.fail(UpstreamMalformed(f"malformed response from upstream: {error}"))
             return
         self.status = status
-        self.head_at = monotonic()
+        now = self.head_at = monotonic()
         if end:
             self.grpc_status = grpc_status
+        obs = self.obs
+        if obs is not None:
+            obs.response_start(status, headers, now)
         server = self.server
         try:
             server.codec.send_headers(self.sid, headers, end)
@@ -412,7 +440,7 @@ class Exchange:
             client.codec.reset(self.uid, CANCEL)
             client.mark()
         self.up.drop()
-        self._complete()
+        self._complete(reset=error_name(code))
 
     def fail(self, error: ProxyError) -> None:
         """Answer ``error`` (before the response head), or end the stream (after)."""
@@ -431,12 +459,14 @@ class Exchange:
                 self._send_end([(b"grpc-status", b"%d" % grpc.DEADLINE_EXCEEDED),
                                 (b"grpc-message", grpc.percent_encode(error.message))])
                 self.grpc_status = grpc.DEADLINE_EXCEEDED
+                reset = ""
             else:
                 server.codec.reset(self.sid, INTERNAL_ERROR)
                 self.status = self.status or 0
+                reset = "INTERNAL_ERROR"
             self.up.drop()
             server.mark()
-            self._complete(error=True)
+            self._complete(reset=reset)
             return
         headers, body = render_h2(error, self.request.grpc)
         if self.request.grpc:
@@ -445,6 +475,17 @@ class Exchange:
                 grpc.from_http(error.status))
         else:
             self.status = error.status
+        # The proxy answered: counted (on the service's series when no endpoint was
+        # reached) and tapped as the client sees it.
+        now = monotonic()
+        obs = self.obs
+        if obs is None:
+            obs = self.obs = self._observe(self.target, None, self.started or now)
+        if self.request.grpc:
+            obs.response_start(200, headers, now)  # trailers-only: grpc-status inside
+            obs.response_end((), now)
+        else:
+            obs.fail(error.status, "", now)
         try:
             server.codec.send_headers(self.sid, headers, not body)
             if body and server.codec.send_window(self.sid) >= len(body):
@@ -457,7 +498,7 @@ class Exchange:
             server.codec.reset(self.sid, NO_ERROR)  # the answer is complete: stop the body
         self.up.drop()
         server.mark()
-        self._complete(error=True)
+        self._complete(observed=True)
 
     def _send_end(self, trailers: Headers) -> None:
         try:
@@ -473,7 +514,11 @@ class Exchange:
             timeout = self.request.timeout or 0.0
             self.fail(DeadlineExceeded(f"grpc-timeout of {timeout:g}s passed"))
 
-    def _complete(self, cancelled: bool = False, error: bool = False) -> None:
+    def _complete(self, cancelled: bool = False, reset: str = "",
+                  observed: bool = False) -> None:
+        """The exchange is over: both streams freed, the balancer told, and metrics and
+        tap told unless ``observed`` already (the proxy's own answer). ``reset`` names
+        the reset that cut the stream; ``cancelled``: the client went away."""
         if self.done:
             return
         self.done = True
@@ -493,10 +538,24 @@ class Exchange:
         if client is not None:
             client.exchanges.pop(self.uid, None)
             client.blocked.discard(self.up)
+        obs = self.obs
+        if obs is not None and not observed:
+            self._observe_end(obs, "CANCEL" if cancelled else reset)
         self._settle(cancelled)
         if client is not None:
             client.released()
         server.released()
+
+    def _observe_end(self, obs: RequestObserver, reset: str) -> None:
+        down = self.down
+        if down is not None:
+            obs.response_bytes = down.sent
+        if reset:
+            obs.fail(self.status, reset)
+            return
+        if self.grpc_status is not None:
+            obs.grpc_status = self.grpc_status
+        obs.response_end()
 
     def _settle(self, cancelled: bool) -> None:
         target, endpoint = self.target, self.endpoint
@@ -505,15 +564,8 @@ class Exchange:
         now = monotonic()
         status = self.status
         if self.request.grpc:
-            grpc_status = self.grpc_status
-            success = grpc_status == grpc.OK and status == 200
-            endpoint_ok = cancelled or (0 < status < 500 and grpc.endpoint_ok(grpc_status))
+            endpoint_ok = cancelled or (0 < status < 500 and grpc.endpoint_ok(self.grpc_status))
         else:
-            grpc_status = None
-            success = 0 < status < 500
-            endpoint_ok = cancelled or success
+            endpoint_ok = cancelled or 0 < status < 500
         rtt = (self.head_at or now) - self.started
         target.on_complete(endpoint, now, rtt, endpoint_ok)
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.observe(status, grpc_status, rtt * 1000.0, success)

@@ -8,7 +8,9 @@ connection-specific field (``connection``, ``keep-alive``, ``proxy-connection``,
 ``transfer-encoding``, ``upgrade``), ``te`` only as ``trailers``. Such a request is
 malformed: the stream is reset with PROTOCOL_ERROR. The authority is ``:authority``, or
 ``host`` when that is absent. A request is gRPC when its content-type starts with
-``application/grpc``.
+``application/grpc``. ``shoal-client-workload`` is the mesh's own field (as in HTTP/1,
+http1/framing.py): a client's copy never travels on, its value is kept aside as
+``Request.client_workload`` (the caller, for metrics and tap; observe.py).
 
 Responses: a three-digit ``:status``; connection-specific fields are dropped rather than
 failing the response. ``grpc-status`` is read from the response head (a trailers-only
@@ -25,6 +27,8 @@ from .grpc import parse_status, parse_timeout
 CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                                         b"transfer-encoding", b"upgrade"})
 _GRPC_CONTENT_TYPE: Final = b"application/grpc"
+# The mesh's caller field (observe.CLIENT_WORKLOAD_HEADER; the codec side may not import it).
+CLIENT_WORKLOAD_FIELD: Final = b"shoal-client-workload"
 
 
 class MalformedHeaders(ValueError):
@@ -34,16 +38,19 @@ class MalformedHeaders(ValueError):
 class Request:
     """What the engine reads from a request head; ``headers`` travel on unchanged."""
 
-    __slots__ = ("authority", "grpc", "headers", "method", "path", "timeout")
+    __slots__ = ("authority", "client_workload", "grpc", "headers", "method", "path",
+                 "timeout")
 
     def __init__(self, headers: Headers, method: bytes, path: bytes, authority: bytes | None,
-                 grpc: bool, timeout: float | None) -> None:
+                 grpc: bool, timeout: float | None,
+                 client_workload: bytes | None = None) -> None:
         self.headers = headers
         self.method = method
         self.path = path
         self.authority = authority
         self.grpc = grpc
         self.timeout = timeout
+        self.client_workload = client_workload
 
 
 def parse_request(headers: Headers) -> Request:
@@ -51,6 +58,7 @@ def parse_request(headers: Headers) -> Request:
     regular = False
     grpc = False
     timeout = None
+    client = None
     for name, value in headers:
         if name[:1] == b":":
             if regular:
@@ -73,6 +81,8 @@ def parse_request(headers: Headers) -> Request:
             timeout = parse_timeout(value)
         elif name == b"host":
             host = value
+        elif name == CLIENT_WORKLOAD_FIELD:
+            client = value
         elif name in CONNECTION_SPECIFIC:
             raise MalformedHeaders(f"connection-specific field {name!r}")
         elif name == b"te" and value != b"trailers":
@@ -83,7 +93,9 @@ def parse_request(headers: Headers) -> Request:
         raise MalformedHeaders("CONNECT over HTTP/2 is not supported")
     if scheme is None or not path:
         raise MalformedHeaders("no :scheme or :path")
-    return Request(headers, method, path, authority or host, grpc, timeout)
+    if client is not None:  # rare (a proxy's hop): the field stops here
+        headers = [(n, v) for n, v in headers if n != CLIENT_WORKLOAD_FIELD]
+    return Request(headers, method, path, authority or host, grpc, timeout, client)
 
 
 def scan_response(headers: Headers) -> tuple[int, int | None, Headers]:

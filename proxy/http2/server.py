@@ -18,6 +18,9 @@ Connection rules:
   for the response timeout gets 504 (gRPC requests carry their own deadline).
 * A peer that sends control frames without reading the answers is cut off when the
   output queued for it passes ``max_write_backlog`` (GOAWAY ENHANCE_YOUR_CALM).
+* Metrics and tap: the connection has one ``ConnectionObserver`` from the room's
+  ``observer`` (observe.py), each exchange one ``RequestObserver``; the outbound room's
+  ``stamp`` (the caller's ``shoal-client-workload``) is added to every request sent on.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import monotonic
 from typing import Protocol
 
 from ..config import Http1Settings
 from ..errors import ProxyError, ResponseTimeout
 from ..http1.server import Connections
+from ..observe import ConnectionObserver, Observer
 from ..route import Target, TcpCounter
 from .client import H2Pool
 from .codec import (
@@ -82,6 +86,8 @@ class H2Context:
     http1: Http1Settings  # the idle and response timeouts, the connect attempts
     tcp: TcpCounter
     connections: Connections
+    # Metrics labels and tap for the room (the default: no tap, nothing stamped).
+    observer: Observer = field(default_factory=lambda: Observer("inbound"))
 
     @property
     def max_connect_attempts(self) -> int:
@@ -98,11 +104,13 @@ class ServerConnection(H2Conn):
         self.goaway_sent = False
         self.peer_gone = False
         self.idle_since = monotonic()
+        self.obs: ConnectionObserver | None = None  # set when the connection is made
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.setup(transport)
+        self.obs = self.ctx.observer.connection(transport)
         self.ctx.connections.live.add(self)
         if not self.adopted:
             self.ctx.tcp.opened()
@@ -229,6 +237,9 @@ class ServerConnection(H2Conn):
             log.debug("malformed request on stream %d: %s", sid, error)
             self.codec.reset(sid, PROTOCOL_ERROR)
             return
+        stamp = self.ctx.observer.stamp
+        if stamp is not None:
+            request.headers.append(stamp)
         exchange = Exchange(self, sid, request, event.end_stream)
         self.exchanges[sid] = exchange
         try:
