@@ -20,7 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal.kernel.config import default_state_dir
+from shoal.kernel.identity_store import (
+    IdentityMaterialError,
+    default_identity_dir,
+    material_exists,
+    mint_join_token,
+)
 from shoal.kernel.process import die_with_parent
+from shoal.proxy.config import IDENTITY_TOKEN_ENV
 
 PROXY_READY_TIMEOUT_SECONDS = 30.0  # certificate + first bus contact, with headroom
 READY_POLL_INTERVAL_SECONDS = 0.05
@@ -61,6 +69,23 @@ class Ports:
 
 class RunFailed(RuntimeError):
     pass
+
+
+def identity_for(spec: RunSpec, env: dict[str, str]) -> list[str]:
+    """A join token for the proxy, minted from the state directory's identity material
+    (as ``shoal identity token`` would), into the proxy's environment; or, where there is
+    no material (a bus that ``shoal up`` did not start), a proxy without identity."""
+    identity_dir = default_identity_dir(spec.state_dir or default_state_dir())
+    if not material_exists(identity_dir):
+        print(f"shoal run: no identity material in {identity_dir}: the proxy runs without "
+              "an identity (no mutual TLS)", file=sys.stderr)
+        return ["--no-identity"]
+    try:
+        minted = mint_join_token(identity_dir, spec.namespace, spec.workload or spec.service)
+    except (IdentityMaterialError, ValueError) as error:
+        raise RunFailed(f"cannot mint a join token: {error}") from None
+    env[IDENTITY_TOKEN_ENV] = minted.token
+    return []
 
 
 def proxy_argv(spec: RunSpec, ports: Ports, pod: str) -> list[str]:
@@ -141,8 +166,10 @@ async def run(spec: RunSpec) -> int:
     env = dict(os.environ)
     if spec.state_dir is not None:
         env["SHOAL_STATE_DIR"] = str(spec.state_dir)
+    app_env = app_environment(env, spec, ports, pod)  # before the token: it is the proxy's
+    identity_args = identity_for(spec, env)
     proxy = await asyncio.create_subprocess_exec(
-        *proxy_argv(spec, ports, pod), env=env, stdin=asyncio.subprocess.DEVNULL,
+        *proxy_argv(spec, ports, pod), *identity_args, env=env, stdin=asyncio.subprocess.DEVNULL,
         preexec_fn=die_with_parent)
     app: asyncio.subprocess.Process | None = None
     stop = asyncio.Event()
@@ -159,7 +186,7 @@ async def run(spec: RunSpec) -> int:
         ready.result()
         try:
             app = await asyncio.create_subprocess_exec(
-                *spec.command, env=app_environment(env, spec, ports, pod),
+                *spec.command, env=app_env,
                 preexec_fn=die_with_parent)
         except OSError as error:
             raise RunFailed(f"cannot start {spec.command[0]}: {error.strerror}") from None

@@ -162,6 +162,7 @@ class Inbound:
         result = await classify(loop, client, opaque=self.opaque,
                                 connect_upstream=self.connect,
                                 timeout=self.config.detect_timeout, tls=True)
+        peer = self.plain
         initial = result.client_data
         if result.protocol == "tls":
             read = await self._client_hello(client, initial, result.upstream)
@@ -175,18 +176,15 @@ class Inbound:
             peer = self.passthrough  # the app's own TLS: relayed as it is
         elif result.protocol == "http1":
             if result.upstream is not None:
-                await adopt(self.pool, (self.host, self.port), result.upstream)
-            await serve_http1(client, self.plain.ctx, initial)
+                await adopt(self.pool, self.target.endpoint.key, result.upstream)
+            await serve_http1(client, peer.ctx, initial)
             return
         elif result.protocol == "http2":
-            peer = self.plain
             if result.upstream is not None:
                 await self.h2pool.adopt(peer.target.endpoint.key, result.upstream,
                                         result.upstream_data)
             await serve_http2(client, peer.h2ctx, initial)
             return
-        else:
-            peer = self.plain
         upstream = result.upstream
         if upstream is None:
             self.unreachable += 1

@@ -12,6 +12,7 @@ gRPC methods of service ``t.Echo`` (every response carries ``x-backend`` metadat
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -41,7 +42,11 @@ class GrpcBackend:
     def __init__(self, name: str, *, options: list[tuple[str, Any]] | None = None,
                  stream_gap: float = 0.0) -> None:
         self.name = name
-        self.port = free_port()
+        # Held until start(): a port chosen now but bound later could be handed to the
+        # proxies started in between (free_port only knows what is bound).
+        self._reservation = socket.socket()
+        self._reservation.bind((LOOPBACK, 0))
+        self.port = int(self._reservation.getsockname()[1])
         self.stream_gap = stream_gap
         self.calls: Counter[str] = Counter()
         self.metadata_keys: set[str] = set()  # every request metadata key the app saw
@@ -63,11 +68,14 @@ class GrpcBackend:
         self.server = grpc.server(futures.ThreadPoolExecutor(HANDLER_THREADS),
                                   handlers=[handler],
                                   options=[*MESSAGE_OPTIONS, *self.options])
-        self.server.add_insecure_port(f"{LOOPBACK}:{self.port}")
+        self._reservation.close()
+        if self.server.add_insecure_port(f"{LOOPBACK}:{self.port}") != self.port:
+            raise RuntimeError(f"{self.name}: cannot bind {LOOPBACK}:{self.port}")
         self.server.start()
         return self
 
     def stop(self) -> None:
+        self._reservation.close()
         if self.server is not None:
             self.server.stop(STOP_GRACE_SECONDS).wait()
 

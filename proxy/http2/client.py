@@ -319,8 +319,12 @@ class H2Pool:
         return protocol
 
     async def adopt(self, key: EndpointKey, sock: socket.socket, initial: bytes = b"") -> None:
-        """Take a socket connected to ``key`` (by detection) as an HTTP/2 connection;
+        """Take a socket connected to ``key`` (by detection) as an HTTP/2 connection,
+        unless a pooled one has room already (then it is closed: streams share);
         ``initial``: what the server already sent (its preface, read by detection)."""
+        if self.ready(key) is not None:
+            sock.close()
+            return
         loop = asyncio.get_running_loop()
         try:
             await loop.create_connection(lambda: ClientConnection(self, key, initial),

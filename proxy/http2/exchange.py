@@ -34,6 +34,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
@@ -60,6 +61,8 @@ from .codec import (
     error_name,
 )
 from .headers import MalformedHeaders, Request, scan_response, scan_trailers
+
+log = logging.getLogger("shoal.proxy.http2")
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -88,6 +91,10 @@ class Flow:
         self.finished = False  # the end of the stream went to dst
 
     def receive(self, data: bytes, flow_length: int, end: bool) -> None:
+        if self.finished:  # the other side is gone (reset, answered): credit and forget
+            self.src.codec.ack(self.src_id, flow_length)
+            self.src.mark()
+            return
         if flow_length > len(data):  # padding: nothing to forward, credit it back now
             self.src.codec.ack(self.src_id, flow_length - len(data))
             self.src.mark()
@@ -245,6 +252,12 @@ class Exchange:
             self.task = None
             if not self.done:
                 self.fail(error)
+                self.server.mark()
+        except Exception:  # a bug: the client still gets an answer, the log the trace
+            log.exception("bug in the HTTP/2 dispatch path")
+            self.task = None
+            if not self.done:
+                self.fail(UpstreamReset("internal error while dispatching the request"))
                 self.server.mark()
 
     def _attach(self, conn: ClientConnection, endpoint: EndpointRef, now: float) -> bool:
@@ -517,6 +530,7 @@ class Exchange:
             self.timer = None
         server = self.server
         server.exchanges.pop(self.sid, None)
+        self.up.drop()
         if self.down is not None:
             server.blocked.discard(self.down)
             self.down.drop()
