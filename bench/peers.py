@@ -11,15 +11,23 @@ The Shoal peers are written against the proxy command line the lead will reconci
 --app-port APP --namespace bench --service S --upstream LOCAL=svc.ns:PORT
 --static-endpoint svc.ns=127.0.0.1:PORT``. Everything that depends on it is in
 ``shoal_proxy_argv`` and the ``SHOAL_*`` constants below, so adapting the harness to the
-real flags is a change in one place. A Shoal mesh hop with mutual TLS (to set against
-``envoy-pair-mtls``) needs the proxies to get identities (a bus and the identity service,
-or static certificate flags); add it as one more ``Peer`` beside ``shoal-mesh`` when the
-proxy has that switch.
+real flags is a change in one place. The plain Shoal peers run with ``--no-bus`` (so
+no identity either: plaintext).
+
+``shoal-mesh-mtls`` (set against ``envoy-pair-mtls``) is the mesh hop with mutual TLS
+as Shoal really does it: a NATS server and the identity service (on the load core:
+they only work while certificates are issued, before the measurement), identity
+material made for the run, each proxy certified over the bus with a join token, and
+the client proxy's static endpoint carrying the server proxy's identity
+(``HOST:PORT@IDENTITY``), so its connections are TLS 1.3 with both identities checked.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -191,6 +199,10 @@ class ShoalProxyArgs:
     upstreams: tuple[tuple[int, str, int], ...] = ()
     # ("svc.ns", address, port): an endpoint known without the bus
     static_endpoints: tuple[tuple[str, str, int], ...] = ()
+    # The static endpoints' proxy identity ("": not meshed); with ``identity`` the proxy
+    # gets a certificate (its environment must carry the bus and a token).
+    endpoint_identity: str = ""
+    identity: bool = False
 
 
 def shoal_proxy_argv(args: ShoalProxyArgs) -> list[str]:
@@ -205,7 +217,12 @@ def shoal_proxy_argv(args: ShoalProxyArgs) -> list[str]:
     for local, authority, port in args.upstreams:
         argv += ["--upstream", f"{local}={authority}:{port}"]
     for authority, address, port in args.static_endpoints:
-        argv += ["--static-endpoint", f"{authority}={address}:{port}"]
+        suffix = f"@{args.endpoint_identity}" if args.endpoint_identity else ""
+        argv += ["--static-endpoint", f"{authority}={address}:{port}{suffix}"]
+    if args.identity:
+        argv += ["--no-register"]  # static endpoints: nobody reads registrations here
+    else:
+        argv += ["--no-bus"]  # static endpoints only, whatever bus the machine has
     return argv
 
 
@@ -221,26 +238,28 @@ def shoal_unavailable_reason() -> str | None:
     return None
 
 
-def _start_shoal_proxy(ctx: PeerContext, name: str, args: ShoalProxyArgs) -> Managed:
+def _start_shoal_proxy(ctx: PeerContext, name: str, args: ShoalProxyArgs,
+                       extra_env: dict[str, str] | None = None) -> Managed:
     reason = shoal_unavailable_reason()
     if reason is not None:
         raise PeerUnavailable(reason)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     managed = ctx.procs.start(name, shoal_proxy_argv(args), cpu=ctx.proxy_cpu, env=env,
                               cwd=ctx.repo_root)
     wait_http_ok([managed], args.admin_port, ctx.ready_timeout, path=SHOAL_READY_PATH)
     return managed
 
 
-def _shoal_client_args(ctx: PeerContext, local_port: int, endpoint_port: int
-                       ) -> ShoalProxyArgs:
+def _shoal_client_args(ctx: PeerContext, local_port: int, endpoint_port: int,
+                       endpoint_identity: str = "") -> ShoalProxyArgs:
     authority = f"{UPSTREAM_SERVICE}.{SHOAL_NAMESPACE}"
     return ShoalProxyArgs(
         outbound_port=ctx.procs.free_port(), inbound_port=ctx.procs.free_port(),
         admin_port=ctx.procs.free_port(), app_port=ctx.procs.free_port(),
         service=CLIENT_SERVICE,
         upstreams=((local_port, authority, ctx.upstream_port),),
-        static_endpoints=((authority, "127.0.0.1", endpoint_port),))
+        static_endpoints=((authority, "127.0.0.1", endpoint_port),),
+        endpoint_identity=endpoint_identity, identity=bool(endpoint_identity))
 
 
 def start_shoal(ctx: PeerContext) -> Target:
@@ -265,6 +284,92 @@ def start_shoal_mesh(ctx: PeerContext) -> Target:
     return Target(local)
 
 
+def _start_identity_plane(ctx: PeerContext) -> tuple[dict[str, str], Path]:
+    """NATS and the identity service for the run, on the load core's side (unpinned):
+    (the proxy role's bus environment, the identity directory)."""
+    from shoal.kernel import identity_store as store
+    from shoal.kernel.bus import connect, ensure_buckets
+    from shoal.kernel.config import BusSettings, bus_environment, generate_credentials
+    from shoal.kernel.natsd import nats_server_binary, server_config
+
+    try:
+        binary = nats_server_binary()
+    except RuntimeError as exc:
+        raise PeerUnavailable(str(exc)) from None
+    base = ctx.workdir / "identity-plane"
+    (base / "ports").mkdir(parents=True, exist_ok=True)
+    credentials = generate_credentials()
+    port = ctx.procs.free_port()
+    config = base / "nats.json"
+    config.write_text(json.dumps(server_config(
+        host="127.0.0.1", port=port, store_dir=base / "jetstream", ports_dir=base / "ports",
+        credentials=credentials)))
+    ctx.procs.start("nats", [binary, "-c", str(config)])
+    url = f"nats://127.0.0.1:{port}"
+
+    def settings(role: str) -> BusSettings:
+        creds = credentials[role]
+        return BusSettings(url=url, user=creds.user, password=creds.password, role=role)
+
+    async def buckets() -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ctx.ready_timeout
+        while True:  # until nats-server listens (connect would log every refusal)
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        nc = await connect(settings("operator"), "bench-setup", allow_reconnect=False)
+        await ensure_buckets(nc.jetstream())
+        await nc.close()
+
+    try:
+        asyncio.run(buckets())
+    except Exception as exc:
+        raise PeerUnavailable(f"NATS for the identity service did not start: {exc}") \
+            from None
+    identity_dir = base / "identity"
+    store.init_identity(identity_dir, base / "identity-anchor", store.IdentitySettings(),
+                        365, 365, dt.datetime.now(dt.UTC), force=True)
+    health = ctx.procs.free_port()
+    service = ctx.procs.start(
+        "identity", [sys.executable, "-m", "shoal.services.identity", "--identity-dir",
+                     str(identity_dir), "--health-port", str(health), "--log-level",
+                     "warning"],
+        env={**os.environ, **bus_environment(settings("controller"))}, cwd=ctx.repo_root)
+    wait_http_ok([service], health, ctx.ready_timeout, path="/ready")
+    return {**bus_environment(settings("proxy"))}, identity_dir
+
+
+def start_shoal_mesh_mtls(ctx: PeerContext) -> Target:
+    """The mesh hop with mutual TLS: wrk -> Shoal outbound =mTLS=> Shoal inbound -> nginx,
+    both proxies on the proxy core, certified by the identity service over NATS."""
+    from shoal.kernel import identity_store as store
+
+    bus_env, identity_dir = _start_identity_plane(ctx)
+
+    def env(serviceaccount: str) -> dict[str, str]:
+        minted = store.mint_join_token(identity_dir, SHOAL_NAMESPACE, serviceaccount, 3600)
+        return {**bus_env, "SHOAL_PROXY_IDENTITY_TOKEN": minted.token}
+
+    inbound = ctx.procs.free_port()
+    server = _start_shoal_proxy(ctx, "shoal-inbound-mtls", ShoalProxyArgs(
+        outbound_port=ctx.procs.free_port(), inbound_port=inbound,
+        admin_port=ctx.procs.free_port(), app_port=ctx.upstream_port,
+        service=UPSTREAM_SERVICE, identity=True), env(UPSTREAM_SERVICE))
+    local = ctx.procs.free_port()
+    client = _start_shoal_proxy(
+        ctx, "shoal-outbound-mtls",
+        _shoal_client_args(ctx, local, inbound, f"{UPSTREAM_SERVICE}.{IDENTITY_SUFFIX}"),
+        env(CLIENT_SERVICE))
+    wait_http_ok([server, client], local, ctx.ready_timeout)
+    return Target(local)
+
+
 PEERS: tuple[Peer, ...] = (
     Peer("direct", 0, "wrk -> nginx", start_direct),
     Peer("envoy", 1, "wrk -> Envoy (1 worker) -> nginx", start_envoy),
@@ -277,5 +382,7 @@ PEERS: tuple[Peer, ...] = (
          envoy_counterpart="envoy-pair"),
     Peer("shoal-mesh", 2, "wrk -> Shoal outbound -> Shoal inbound -> nginx",
          start_shoal_mesh, envoy_counterpart="envoy-pair"),
+    Peer("shoal-mesh-mtls", 2, "wrk -> Shoal outbound =mTLS=> Shoal inbound -> nginx",
+         start_shoal_mesh_mtls, envoy_counterpart="envoy-pair-mtls"),
 )
 PEERS_BY_NAME: dict[str, Peer] = {peer.name: peer for peer in PEERS}

@@ -245,8 +245,10 @@ class _Detection:
         return detect(data)
 
     async def _finish(self, protocol: Protocol, reason: Reason) -> Classified:
-        if protocol == "opaque":
-            if self.connecting is not None:  # opaque needs the upstream: wait for it
+        if protocol in ("opaque", "tls"):
+            # Opaque needs the upstream; TLS (a peer proxy) will need it once the
+            # handshake is done, which takes longer than a connect: wait for it.
+            if self.connecting is not None:
                 task, self.connecting = self.connecting, None
                 self.upstream, self.upstream_error = await _await_connect_task(task)
             return self._result(protocol, reason)

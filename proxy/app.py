@@ -151,7 +151,8 @@ class Proxy:
                     max_head_bytes=config.http1.max_response_head_bytes,
                     tcp=runtime.metrics.tcp_metrics("outbound", {
                         "peer": "dst", **tls.outbound_labels("", runtime.identity is not None)}),
-                    tls_client=runtime.identity, tls_tcp=self._outbound_tls_tcp)
+                    tls_client=runtime.identity, tls_tcp=self._outbound_tls_tcp,
+                    meshed_idle_timeout=config.outbound.pool_meshed_idle_timeout)
         self.pools.append(pool)
         flusher = Flusher()
         h2_outbound = H2Pool(config.http2, flusher, tcp=pool.tcp, tls_client=runtime.identity,

@@ -8,14 +8,18 @@ connection), opaque bytes relayed as they are.
 Authorization policy joins this path with the policy issue.
 
 Mutual TLS: detection recognises a TLS ClientHello first, on every port (a meshed peer
-always opens with one). When its SNI is this proxy's identity the proxy terminates it
-with the identity's server context (a client certificate from the mesh is required),
-records the client's identity (the ``client_id`` label, and later policy), and the
-ALPN protocol the client offered says what follows: ``shoal.http1`` -> the HTTP/1
-engine, ``shoal.opaque`` -> relayed to the app, ``h2`` -> HTTP/2; none -> detection on
-the decrypted bytes. Any other TLS (another SNI, or this proxy runs without identity)
-is the application's own and is relayed untouched, as are plaintext clients: a
-non-meshed client still reaches the app (until policy says otherwise).
+always opens with one). When its SNI is an identity name of this mesh (this proxy's own,
+normally) the proxy terminates it with the identity's server context (a client
+certificate from the mesh is required), records the client's identity (the
+``client_id`` label, and later policy), and the ALPN protocol the client offered says
+what follows: ``shoal.http1`` -> the HTTP/1 engine, ``shoal.opaque`` -> relayed to the
+app, ``h2`` -> HTTP/2; none -> detection on the decrypted bytes. A client proxy that
+expected another identity here (stale discovery, a misrouted address) gets this proxy's
+certificate and refuses it itself, loudly (502 with the reason), rather than having
+its TLS relayed to an app that cannot read it. Any other TLS (an SNI outside the mesh,
+or this proxy runs without identity) is the application's own and is relayed
+untouched, as are plaintext clients: a non-meshed client still reaches the app (until
+policy says otherwise).
 
 The app port is one fixed endpoint: no balancing, Linkerd's inbound connect timeout
 (100 ms, the app is local). A port listed as opaque skips HTTP detection.
@@ -27,6 +31,8 @@ import asyncio
 import logging
 import socket
 import ssl
+
+from shoal.kernel import pki
 
 from . import tls
 from .accept import classify, connect_tcp
@@ -79,6 +85,7 @@ class Inbound:
         self.h2pool = h2pool
         self.runtime = runtime
         self.identity = identity
+        self.mesh_suffix = mesh_suffix(identity.identity) if identity is not None else ""
         self.host = config.app_host
         self.port = config.app_port
         self.target_addr = f"{self.host}:{self.port}"
@@ -88,9 +95,12 @@ class Inbound:
             max_head_bytes=config.http1.max_response_head_bytes,
             tcp=runtime.metrics.tcp_metrics("inbound", {"peer": "dst",
                                                         "target_addr": self.target_addr}))
-        self.plain = _Peer(self, tls.TLS_NO_TLS_FROM_REMOTE if identity is not None
-                           else tls.TLS_DISABLED)
-        self.passthrough = _Peer(self, tls.TLS_PASSTHROUGH)
+        # Series are made when the first connection of their kind comes (no zeros for
+        # kinds that never happen): plaintext clients, the app's own TLS, mesh clients.
+        self._plain_labels = (tls.TLS_NO_TLS_FROM_REMOTE if identity is not None
+                              else tls.TLS_DISABLED)
+        self._plain: _Peer | None = None
+        self._passthrough: _Peer | None = None
         self._clients: dict[str, _Peer] = {}
         # For tests and operators: what became of TLS connections.
         self.tls_terminated = 0
@@ -98,6 +108,18 @@ class Inbound:
         self.tls_failures = 0
         self.opaque = self.port in config.opaque_ports
         self.unreachable = 0  # opaque connections dropped because the app was down
+
+    @property
+    def plain(self) -> _Peer:
+        if self._plain is None:
+            self._plain = _Peer(self, self._plain_labels)
+        return self._plain
+
+    @property
+    def passthrough(self) -> _Peer:
+        if self._passthrough is None:
+            self._passthrough = _Peer(self, tls.TLS_PASSTHROUGH)
+        return self._passthrough
 
     # Kept for callers that look at the plaintext path's objects.
     @property
@@ -116,6 +138,13 @@ class Inbound:
             peer = self._clients[identity] = _Peer(self, tls.client_id_labels(identity))
         return peer
 
+    def terminates(self, server_name: str | None) -> bool:
+        """Is TLS with this SNI for this proxy to terminate (see the module docstring)?"""
+        if self.identity is None or not server_name:
+            return False
+        return server_name == self.identity.identity or server_name.endswith(
+            self.mesh_suffix)
+
     async def connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()
         return await connect_tcp(loop, self.host, self.port, self.config.inbound.connect_timeout)
@@ -132,8 +161,7 @@ class Inbound:
             if read is None:
                 return
             initial, hello = read
-            if (hello is not None and self.identity is not None
-                    and hello.server_name == self.identity.identity):
+            if hello is not None and self.terminates(hello.server_name):
                 await self._terminate(client, initial, result.upstream)
                 return
             self.tls_passthrough += 1
@@ -219,6 +247,14 @@ class Inbound:
             connection.transport.resume_reading()
             server.connection_made(connection.transport)
             return
+        if protocol == "http2":  # a CONNECT tunnel's HTTP/2 (grpc_proxy), for one
+            if app is not None:
+                await self.h2pool.adopt(peer.target.endpoint.key, app)
+            h2server = ServerConnection(peer.h2ctx, data)
+            connection.transport.set_protocol(h2server)
+            connection.transport.resume_reading()
+            h2server.connection_made(connection.transport)
+            return
         if protocol == "closed":
             if app is not None:
                 app.close()
@@ -253,9 +289,17 @@ class Inbound:
         await relay.wait()
 
 
+def mesh_suffix(identity: str) -> str:
+    """``.serviceaccount.identity.<cp-ns>.<trust-domain>`` of an identity name: what
+    every identity of the same mesh ends with."""
+    marker = f".{pki.IDENTITY_LABEL}.identity."
+    at = identity.rfind(marker)
+    return identity[at:] if at > 0 else f".{identity}"
+
+
 class _Sniff(asyncio.Protocol):
     """Detection on decrypted bytes, for a TLS client that offered no ALPN protocol:
-    reads until ``detect`` decides (HTTP/1, else opaque) or the timeout, then pauses
+    reads until ``detect`` decides (HTTP/1, HTTP/2, else opaque) or the timeout, then pauses
     and hands back what it read."""
 
     def __init__(self, timeout: float) -> None:
@@ -273,7 +317,7 @@ class _Sniff(asyncio.Protocol):
         self.buffer += data
         verdict = detect(bytes(self.buffer[:MAX_DETECT_BYTES]))
         if verdict is not None:
-            self._decide("http1" if verdict == "http1" else "opaque")
+            self._decide(verdict if verdict in ("http1", "http2") else "opaque")
 
     def eof_received(self) -> bool:
         self.eof = True

@@ -13,7 +13,7 @@ detection after the handshake:
   opaque ports); the server proxy connects to the app at once and relays, so protocols
   in which the server speaks first work through it.
 A client that offers none of them (a TLS client with a mesh certificate that is not a
-Shoal proxy) gets detection on the decrypted bytes (HTTP/1, else opaque).
+Shoal proxy) gets detection on the decrypted bytes (HTTP/1, HTTP/2, else opaque).
 
 The inbound side terminates TLS only when the ClientHello's SNI is the proxy's own
 identity (the client proxy sends the identity discovery gave it, as Linkerd's does);
@@ -228,6 +228,9 @@ class TlsConnection(asyncio.Protocol):
         self.ssl_object = context.wrap_bio(self._incoming, self._outgoing,
                                            server_side=server_side,
                                            server_hostname=server_hostname)
+        # The C object under ssl.SSLObject: reading and writing through it directly skips
+        # a Python frame per call on the hot path (ssl.SSLObject.read/write only forward).
+        self._sslobj: Any = getattr(self.ssl_object, "_sslobj", self.ssl_object)
         self._initial = initial
         self.handshake: asyncio.Future[None] = self.loop.create_future()
         self.handshake.add_done_callback(_retrieve)
@@ -253,10 +256,11 @@ class TlsConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._incoming.write(data)
-        if not self.handshake.done():
+        if self.app is not None:  # attached: the handshake is done (the hot path)
+            if not self.app_paused:
+                self._read()
+        elif not self.handshake.done():
             self._do_handshake()
-        elif self.app is not None and not self.app_paused:
-            self._read()
 
     def eof_received(self) -> bool:
         self._incoming.write_eof()
@@ -332,7 +336,9 @@ class TlsConnection(asyncio.Protocol):
     def _read(self) -> None:
         """Deliver the plaintext waiting in the BIO while the protocol above reads."""
         self.read_scheduled = False
-        read = self.ssl_object.read
+        read = self._sslobj.read
+        incoming = self._incoming
+        pending = self._sslobj.pending
         while self.app is not None and not self.app_paused and not self.eof_in:
             chunks: list[bytes] = []
             size = 0
@@ -346,6 +352,8 @@ class TlsConnection(asyncio.Protocol):
                         break
                     chunks.append(chunk)
                     size += len(chunk)
+                    if not incoming.pending and not pending():
+                        break  # all read, without paying for an SSLWantReadError
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLZeroReturnError:  # close_notify (read() may also return b"")
@@ -362,10 +370,11 @@ class TlsConnection(asyncio.Protocol):
             if eof:
                 self._peer_closed()
                 break
-            if not chunks:
+            if not chunks or not incoming.pending:
                 break
-        self._flush()  # reading may answer (a KeyUpdate, say)
-        if self.eof_out_wanted and not self._incoming.pending:
+        if self._outgoing.pending:  # reading may answer (a KeyUpdate, say)
+            self._flush()
+        if self.eof_out_wanted and not incoming.pending:
             self._send_close_notify()
 
     def _peer_closed(self) -> None:
@@ -388,13 +397,14 @@ class TlsConnection(asyncio.Protocol):
             self.transport.close()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.eof_out or self.closing or self.lost or not self.handshake.done():
+        if not data or self.eof_out or self.closing or self.lost or self.raw is None:
             return
-        view = memoryview(data)
-        write = self.ssl_object.write
-        while view:
-            view = view[write(view):]
-        self._flush()
+        written = self._sslobj.write(data)
+        if written < len(data):  # partial writes are not enabled, but be sure
+            view = memoryview(data)[written:]
+            while view:
+                view = view[self._sslobj.write(view):]
+        self.raw.write(self._outgoing.read())
 
     def write_eof(self) -> None:
         if self.eof_out or self.eof_out_wanted or self.closing or self.lost:
@@ -447,6 +457,7 @@ class TlsTransport(asyncio.Transport):
     def __init__(self, connection: TlsConnection) -> None:
         super().__init__()
         self._conn = connection
+        self.write = connection.write  # type: ignore[method-assign]  # one call, not two
 
     @property
     def connection(self) -> TlsConnection:

@@ -214,6 +214,10 @@ class _EchoHandler(socketserver.BaseRequestHandler):
 class _EchoServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # As _Server's: socketserver's default backlog of 5 drops connections under load
+    # while the accepting thread waits for the GIL (a proxy's inbound connect timeout
+    # is 100 ms).
+    request_queue_size = 128
 
     def __init__(self, port: int) -> None:
         self.lock = threading.Lock()

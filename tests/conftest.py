@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,3 +69,13 @@ async def operator(bus: Bus, buckets: None) -> AsyncIterator[Client]:
 
 def python() -> str:
     return sys.executable
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the test item (``item.rep_call``), so fixtures can
+    show the logs of child processes when a test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -47,6 +47,9 @@ from .framing import RESPONSE_FIELDS, FieldScan
 
 # What a client proxy offers in ALPN on the HTTP/1 connections it opens to peers.
 HTTP1_ALPN = (tls.ALPN_HTTP1,)
+# A CONNECT tunnel carries whatever the app sends (TLS, an upgrade...): no protocol is
+# offered, so the peer proxy detects what is inside, as it would in plaintext.
+TUNNEL_ALPN: tuple[str, ...] = ()
 
 if TYPE_CHECKING:
     from .server import ServerProtocol
@@ -259,9 +262,13 @@ class Pool:
     def __init__(self, *, max_idle: int, idle_timeout: float, max_head_bytes: int,
                  tcp: TcpCounter | None = None, tls_client: tls.ClientTls | None = None,
                  tls_tcp: Callable[[str], TcpCounter] | None = None,
-                 handshake_timeout: float = tls.TLS_HANDSHAKE_TIMEOUT_SECONDS) -> None:
+                 handshake_timeout: float = tls.TLS_HANDSHAKE_TIMEOUT_SECONDS,
+                 meshed_idle_timeout: float | None = None) -> None:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        # TLS connections to peer proxies: see config.POOL_MESHED_IDLE_TIMEOUT_SECONDS.
+        self.meshed_idle_timeout = (idle_timeout if meshed_idle_timeout is None
+                                    else meshed_idle_timeout)
         self.max_head_bytes = max_head_bytes
         self.tcp: TcpCounter = tcp or NullTcpCounter()
         self.tls = tls_client
@@ -323,13 +330,13 @@ class Pool:
             return len(self._idle.get(key, ()))
         return sum(len(stack) for stack in self._idle.values())
 
-    async def connect(self, key: EndpointKey, timeout: float,
-                      identity: str = "") -> UpstreamProtocol:
+    async def connect(self, key: EndpointKey, timeout: float, identity: str = "",
+                      alpn: tuple[str, ...] = HTTP1_ALPN) -> UpstreamProtocol:
         """A fresh connection to ``key``: UpstreamRefused / UpstreamConnectTimeout, and
-        with TLS (an ``identity`` and a pool with TLS) UpstreamIdentityMismatch /
-        UpstreamTlsFailed / IdentityUnavailable."""
+        with TLS (an ``identity`` and a pool with TLS, offering ``alpn``)
+        UpstreamIdentityMismatch / UpstreamTlsFailed / IdentityUnavailable."""
         if identity and self.tls is not None:
-            return await self._connect_tls(key, timeout, identity, self.tls)
+            return await self._connect_tls(key, timeout, identity, self.tls, alpn)
         loop = asyncio.get_running_loop()
         host, port = key
         try:
@@ -348,11 +355,11 @@ class Pool:
         return protocol
 
     async def _connect_tls(self, key: EndpointKey, timeout: float, identity: str,
-                           client: tls.ClientTls) -> UpstreamProtocol:
+                           client: tls.ClientTls, alpn: tuple[str, ...]) -> UpstreamProtocol:
         loop = asyncio.get_running_loop()
         host, port = key
         try:
-            context = client.client_context(HTTP1_ALPN)
+            context = client.client_context(alpn)
         except IdentityError as error:
             raise IdentityUnavailable(f"no TLS credentials for {identity} yet: "
                                       f"{error.reason}") from None
@@ -373,10 +380,12 @@ class Pool:
         return protocol
 
     def sweep(self, now: float) -> None:
-        """Close connections idle longer than ``idle_timeout`` (oldest are at the bottom)."""
-        deadline = now - self.idle_timeout
+        """Close connections idle longer than ``idle_timeout`` (``meshed_idle_timeout``
+        for TLS ones; oldest are at the bottom)."""
         for key in list(self._idle):
             stack = self._idle[key]
+            meshed = bool(stack) and bool(stack[0].identity)
+            deadline = now - (self.meshed_idle_timeout if meshed else self.idle_timeout)
             stale = 0
             while stale < len(stack) and stack[stale].idle_since < deadline:
                 stale += 1

@@ -52,6 +52,7 @@ from ..errors import (
     render,
 )
 from ..route import EndpointKey, EndpointRef, RequestCounter, Target, TcpCounter
+from .client import HTTP1_ALPN, TUNNEL_ALPN
 from .flow import (
     PEER_FULL,
     PENDING,
@@ -515,9 +516,11 @@ class ServerProtocol(asyncio.Protocol):
                     endpoint = await target.wait_pick(exclude)
                 conn = None if fresh else target.pool.take(endpoint.key, endpoint.identity)
                 if conn is None:
+                    tunnel = ex.head is not None and ex.head.is_connect
                     try:
-                        conn = await target.pool.connect(endpoint.key, target.connect_timeout,
-                                                         endpoint.identity)
+                        conn = await target.pool.connect(
+                            endpoint.key, target.connect_timeout, endpoint.identity,
+                            TUNNEL_ALPN if tunnel else HTTP1_ALPN)
                     except EndpointConnectError as error:
                         now = monotonic()
                         target.on_connect_error(endpoint, now)
