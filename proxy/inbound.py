@@ -162,7 +162,7 @@ class Inbound:
                 return
             initial, hello = read
             if hello is not None and self.terminates(hello.server_name):
-                await self._terminate(client, initial, result.upstream)
+                await self._terminate(client, initial, result.upstream, result.upstream_data)
                 return
             self.tls_passthrough += 1
             peer = self.passthrough  # the app's own TLS: relayed as it is
@@ -173,7 +173,8 @@ class Inbound:
             return
         elif result.protocol == "http2":
             if result.upstream is not None:
-                await self.h2pool.adopt(peer.target.endpoint.key, result.upstream)
+                await self.h2pool.adopt(peer.target.endpoint.key, result.upstream,
+                                        result.upstream_data)
             await serve_http2(client, peer.h2ctx, initial)
             return
         upstream = result.upstream
@@ -203,8 +204,10 @@ class Inbound:
             return None
 
     async def _terminate(self, client: socket.socket, initial: bytes,
-                         app: socket.socket | None) -> None:
-        """TLS for this proxy's identity: handshake, then by ALPN to the app."""
+                         app: socket.socket | None, app_data: bytes = b"") -> None:
+        """TLS for this proxy's identity: handshake, then by ALPN to the app. ``app_data``:
+        what the app sent already (an HTTP/2 server's SETTINGS): only HTTP/2 can use that
+        connection then; the other protocols connect again."""
         loop = asyncio.get_running_loop()
         assert self.identity is not None
         try:
@@ -220,6 +223,9 @@ class Inbound:
         self.tls_terminated += 1
         peer = self.client(peer_identity(connection.ssl_object) or "")
         alpn = connection.ssl_object.selected_alpn_protocol()
+        if app is not None and app_data and alpn != tls.ALPN_HTTP2:
+            app.close()
+            app = None
         if alpn == tls.ALPN_HTTP1:
             if app is not None:
                 await adopt(self.pool, peer.target.endpoint.key, app)
@@ -227,7 +233,7 @@ class Inbound:
             return
         if alpn == tls.ALPN_HTTP2:
             if app is not None:
-                await self.h2pool.adopt(peer.target.endpoint.key, app)
+                await self.h2pool.adopt(peer.target.endpoint.key, app, app_data)
             connection.attach(ServerConnection(peer.h2ctx))
             return
         if alpn == tls.ALPN_OPAQUE:

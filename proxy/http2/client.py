@@ -318,15 +318,17 @@ class H2Pool:
         connection.attach(protocol)
         return protocol
 
-    async def adopt(self, key: EndpointKey, sock: socket.socket) -> None:
+    async def adopt(self, key: EndpointKey, sock: socket.socket, initial: bytes = b"") -> None:
         """Take a socket connected to ``key`` (by detection) as an HTTP/2 connection,
-        unless a pooled one has room already (then it is closed: streams share)."""
+        unless a pooled one has room already (then it is closed: streams share);
+        ``initial``: what the server already sent (its SETTINGS)."""
         if self.ready(key) is not None:
             sock.close()
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: ClientConnection(self, key), sock=sock)
+            await loop.create_connection(lambda: ClientConnection(self, key, initial),
+                                         sock=sock)
         except OSError:
             sock.close()
 
