@@ -262,6 +262,9 @@ class H2Pool:
             conn = await asyncio.shield(task)
             if conn.has_capacity:
                 return conn
+            if conn.retired or conn.closing:  # not full: the peer closed it at once
+                raise UpstreamReset(f"{key[0]}:{key[1]} closed the new HTTP/2 connection "
+                                    f"(does it speak HTTP/2?)")
         raise EndpointBusy(f"{key[0]}:{key[1]}: no HTTP/2 stream free")
 
     def _connected(self, pool_key: PoolKey, task: asyncio.Task[ClientConnection]) -> None:
