@@ -6,7 +6,10 @@ stall for 10 s (linkerd2 #13364). Shoal avoids that: when the caller can name th
 (the inbound side, port-mapped upstreams, a transparent original destination), ``classify``
 connects to it *while* it waits for the client, and whichever side speaks first decides.
 If the server speaks first the connection is opaque at once and its bytes are handed back
-for relaying; if the client speaks first its bytes go through ``shoal.proxy.detect``. Only a
+for relaying; if the client speaks first its bytes go through ``shoal.proxy.detect``. One
+exception: an HTTP/2 server may send its SETTINGS before the client's preface (gRPC
+servers do), which says nothing about the client; those bytes are held and detection
+waits for the client (they come back as ``upstream_data`` whatever it decides). Only a
 silent client with a silent server waits for the timeout, and nothing is lost by waiting
 because neither side has anything to say (then the connection is opaque).
 
@@ -28,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .detect import MAX_DETECT_BYTES, Protocol, detect, detect_tls
+from .detect import MAX_DETECT_BYTES, Protocol, detect, detect_tls, is_http2_server_preface
 
 # One read of whatever a server sent first (a NATS INFO line is ~300 bytes, a MySQL
 # handshake ~100); anything after it is relayed by forward_opaque. 64 KiB = one recv.
@@ -138,6 +141,7 @@ class _Detection:
         self.buffer = bytearray()
         self.upstream: socket.socket | None = None
         self.upstream_error: OSError | None = None
+        self.held = b""  # an HTTP/2 server's preface, sent before the client spoke
         self.connecting: asyncio.Task[socket.socket] | None = None
         if connect_upstream is not None:
             self.connecting = loop.create_task(_call(connect_upstream))
@@ -181,7 +185,8 @@ class _Detection:
             ready.add(sock)
             wake()
 
-        watched = [self.client] if self.upstream is None else [self.client, self.upstream]
+        watched = ([self.client] if self.upstream is None or self.held
+                   else [self.client, self.upstream])
         for sock in watched:
             self.loop.add_reader(sock.fileno(), on_readable, sock)
         if self.connecting is not None:
@@ -214,6 +219,9 @@ class _Detection:
         except OSError as error:  # reset before it said anything: no upstream after all
             self.upstream.close()
             self.upstream, self.upstream_error = None, error
+            return None
+        if is_http2_server_preface(data):  # not a server-first protocol: ask the client
+            self.held = data
             return None
         return self._result("opaque", "server-first", data)
 
@@ -257,13 +265,18 @@ class _Detection:
             self._take_connect(self.connecting)
         if self.upstream is not None:
             early = _server_spoke(self.upstream)
-            if early:  # an HTTP server never speaks first: whatever this is, relay it
-                return self._result("opaque", "server-first", early)
+            if self.held and protocol == "http2":  # an HTTP/2 server for an HTTP/2 client
+                self.held += early
+            elif early or self.held:
+                # An HTTP/1 server never speaks first, and an HTTP/2 server does not suit
+                # an HTTP/1 client: whatever this is, relay it.
+                self.held += early
+                return self._result("opaque", "server-first")
         return self._result(protocol, reason)
 
     def _result(self, protocol: Protocol, reason: Reason, upstream_data: bytes = b"") -> Classified:
-        return Classified(protocol, bytes(self.buffer), reason, self.upstream, upstream_data,
-                          self.upstream_error)
+        return Classified(protocol, bytes(self.buffer), reason, self.upstream,
+                          self.held + upstream_data, self.upstream_error)
 
     async def _drop_upstream(self) -> None:
         if self.upstream is not None:

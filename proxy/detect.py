@@ -142,3 +142,11 @@ def detect_tls(data: bytes) -> bool | None:
     if not all(checks):
         return False
     return True if len(data) >= TLS_DETECT_BYTES else None
+
+
+def is_http2_server_preface(data: bytes) -> bool:
+    """``data`` starts with what an HTTP/2 server may send before the client said
+    anything: its connection preface, a SETTINGS frame (RFC 9113 3.4: type 0x4, no ACK
+    flag, stream 0, a length that is a multiple of 6). gRPC servers send it at once."""
+    return (len(data) >= 9 and data[3] == 0x4 and data[4] == 0 and data[5:9] == b"\0\0\0\0"
+            and int.from_bytes(data[:3], "big") % 6 == 0)

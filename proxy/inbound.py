@@ -170,7 +170,7 @@ class Inbound:
                 return
             initial, hello = read
             if hello is not None and self.terminates(hello.server_name):
-                await self._terminate(client, initial, result.upstream)
+                await self._terminate(client, initial, result.upstream, result.upstream_data)
                 return
             self.tls_passthrough += 1
             peer = self.passthrough  # the app's own TLS: relayed as it is
@@ -182,7 +182,8 @@ class Inbound:
         elif result.protocol == "http2":
             peer = self.plain
             if result.upstream is not None:
-                await self.h2pool.adopt(peer.target.endpoint.key, result.upstream)
+                await self.h2pool.adopt(peer.target.endpoint.key, result.upstream,
+                                        result.upstream_data)
             await serve_http2(client, peer.h2ctx, initial)
             return
         upstream = result.upstream
@@ -212,8 +213,10 @@ class Inbound:
             return None
 
     async def _terminate(self, client: socket.socket, initial: bytes,
-                         app: socket.socket | None) -> None:
-        """TLS for this proxy's identity: handshake, then by ALPN to the app."""
+                         app: socket.socket | None, app_data: bytes = b"") -> None:
+        """TLS for this proxy's identity: handshake, then by ALPN to the app. ``app_data``:
+        what the app sent already (an HTTP/2 server's SETTINGS): only HTTP/2 can use that
+        connection then; the other protocols connect again."""
         loop = asyncio.get_running_loop()
         assert self.identity is not None
         try:
@@ -229,6 +232,9 @@ class Inbound:
         self.tls_terminated += 1
         peer = self.client(peer_identity(connection.ssl_object) or "")
         alpn = connection.ssl_object.selected_alpn_protocol()
+        if app is not None and app_data and alpn != tls.ALPN_HTTP2:
+            app.close()
+            app = None
         if alpn == tls.ALPN_HTTP1:
             if app is not None:
                 await adopt(self.pool, peer.target.endpoint.key, app)
@@ -236,7 +242,7 @@ class Inbound:
             return
         if alpn == tls.ALPN_HTTP2:
             if app is not None:
-                await self.h2pool.adopt(peer.target.endpoint.key, app)
+                await self.h2pool.adopt(peer.target.endpoint.key, app, app_data)
             connection.attach(ServerConnection(peer.h2ctx))
             return
         if alpn == tls.ALPN_OPAQUE:
@@ -255,6 +261,14 @@ class Inbound:
             # makes in connection_made stays in force.
             connection.transport.resume_reading()
             server.connection_made(connection.transport)
+            return
+        if protocol == "http2":  # a CONNECT tunnel's HTTP/2 (grpc_proxy), for one
+            if app is not None:
+                await self.h2pool.adopt(peer.target.endpoint.key, app)
+            h2server = ServerConnection(peer.h2ctx, data)
+            connection.transport.set_protocol(h2server)
+            connection.transport.resume_reading()
+            h2server.connection_made(connection.transport)
             return
         if protocol == "closed":
             if app is not None:
@@ -300,7 +314,7 @@ def mesh_suffix(identity: str) -> str:
 
 class _Sniff(asyncio.Protocol):
     """Detection on decrypted bytes, for a TLS client that offered no ALPN protocol:
-    reads until ``detect`` decides (HTTP/1, else opaque) or the timeout, then pauses
+    reads until ``detect`` decides (HTTP/1, HTTP/2, else opaque) or the timeout, then pauses
     and hands back what it read."""
 
     def __init__(self, timeout: float) -> None:
@@ -318,7 +332,7 @@ class _Sniff(asyncio.Protocol):
         self.buffer += data
         verdict = detect(bytes(self.buffer[:MAX_DETECT_BYTES]))
         if verdict is not None:
-            self._decide("http1" if verdict == "http1" else "opaque")
+            self._decide(verdict if verdict in ("http1", "http2") else "opaque")
 
     def eof_received(self) -> bool:
         self.eof = True
