@@ -18,7 +18,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
 from rich.console import Console
+
+from shoal.schemas import names
+from shoal.schemas.codec import Decoder
+from shoal.schemas.endpoints import EndpointSet
 
 from .up import DASHBOARD_PORT, Child, Supervisor, free_port, start_control_plane
 
@@ -94,6 +99,34 @@ async def _wait_http(port: int, timeout: float, children: list[Child]) -> bool:
     return False
 
 
+async def _wait_endpoints(supervisor: Supervisor, wanted: dict[str, int], timeout: float,
+                          children: list[Child]) -> bool:
+    """Until discovery has every backend web calls, so web's first calls find them (the
+    demo's table then starts without start-up failures)."""
+    operator = supervisor.settings("operator")
+    nc = await nats.connect(operator.url, user=operator.user, password=operator.password)
+    decoder: Decoder[EndpointSet] = Decoder(EndpointSet, names.BUCKET_ENDPOINTS)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        kv = await nc.jetstream().key_value(names.BUCKET_ENDPOINTS)
+        while loop.time() < deadline:
+            if any(c.process is not None and c.process.returncode is not None
+                   for c in children):
+                return False
+            found = {}
+            for service in wanted:
+                with contextlib.suppress(Exception):
+                    entry = await kv.get(names.service_key(NAMESPACE, service))
+                    found[service] = len(decoder.decode(entry.value or b"").endpoints)
+            if all(found.get(service, 0) >= count for service, count in wanted.items()):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+    finally:
+        await nc.close()
+
+
 async def run_demo(state_dir: Path, console: Console, nats_port: int, web_port: int,
                    dashboard_port: int, voting_replicas: int,
                    bot_rate: float = BOT_RATE) -> int:
@@ -108,16 +141,34 @@ async def run_demo(state_dir: Path, console: Console, nats_port: int, web_port: 
             return 1
         started: list[Child] = []
         counts: dict[str, int] = {}
-        for workload in workloads(web_port, voting_replicas, bot_rate):
+
+        async def launch(workload: Workload) -> None:
             counts[workload.name] = counts.get(workload.name, 0) + 1
             pod = f"{workload.name}-{counts[workload.name]}"
             argv, _ = run_argv(workload, state_dir, pod)
             child = Child(name=pod, argv=argv, env={})
             await supervisor.start_child(child, "bright_blue")
             started.append(child)
+
+        # In the order of who calls whom: backends, then web once discovery has them,
+        # then the bot once web answers.
+        plan = workloads(web_port, voting_replicas, bot_rate)
+        backends = [w for w in plan if w.name in ("emoji", "voting")]
+        for workload in backends:
+            await launch(workload)
+        wanted = {"emoji": 1, "voting": voting_replicas}
+        if not await _wait_endpoints(supervisor, wanted, WEB_READY_TIMEOUT_SECONDS, started):
+            console.print("[red]error:[/] emoji and voting did not register; see the logs")
+            return 1
+        for workload in plan:
+            if workload.name == "web":
+                await launch(workload)
         if not await _wait_http(web_port, WEB_READY_TIMEOUT_SECONDS, started):
             console.print("[red]error:[/] the demo did not come up; see the logs above")
             return 1
+        for workload in plan:
+            if workload.name == "vote-bot":
+                await launch(workload)
         console.print()
         console.print(f"[bold green]emojivoto[/] (meshed) at http://127.0.0.1:{web_port}")
         console.print(f"[bold green]dashboard[/]          at {supervisor.dashboard_url}")

@@ -6,15 +6,12 @@ stall for 10 s (linkerd2 #13364). Shoal avoids that: when the caller can name th
 (the inbound side, port-mapped upstreams, a transparent original destination), ``classify``
 connects to it *while* it waits for the client, and whichever side speaks first decides.
 If the server speaks first the connection is opaque at once and its bytes are handed back
-for relaying; if the client speaks first its bytes go through ``shoal.proxy.detect``. Only a
+for relaying; if the client speaks first its bytes go through ``shoal.proxy.detect``. One
+exception: an HTTP/2 server may send its SETTINGS before the client's preface (gRPC
+servers do), which says nothing about the client; those bytes are held and detection
+waits for the client (they come back as ``upstream_data`` whatever it decides). Only a
 silent client with a silent server waits for the timeout, and nothing is lost by waiting
 because neither side has anything to say (then the connection is opaque).
-
-One exception: an h2c server (grpcio, say) sends its preface, a SETTINGS frame, the
-moment it accepts, without waiting for the client's. Server bytes that begin as one
-(``detect.h2_server_preface``) are kept aside and the client still decides: HTTP/2 (or
-TLS, a peer proxy whose ALPN says h2) gets them as ``upstream_data`` for the HTTP/2
-engine; anything else relays them as the server's first bytes.
 
 The caller owns the client socket throughout; it owns the upstream socket in the result
 (use it, for example ``loop.create_connection(factory, sock=upstream)``, or close it).
@@ -34,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .detect import MAX_DETECT_BYTES, Protocol, detect, detect_tls, h2_server_preface
+from .detect import MAX_DETECT_BYTES, Protocol, detect, detect_tls, is_http2_server_preface
 
 # One read of whatever a server sent first (a NATS INFO line is ~300 bytes, a MySQL
 # handshake ~100); anything after it is relayed by forward_opaque. 64 KiB = one recv.
@@ -142,9 +139,9 @@ class _Detection:
         self.opaque = opaque
         self.deadline = loop.time() + timeout
         self.buffer = bytearray()
-        self.early = b""  # an h2c server's preface, read while the client decides
         self.upstream: socket.socket | None = None
         self.upstream_error: OSError | None = None
+        self.held = b""  # an HTTP/2 server's preface, sent before the client spoke
         self.connecting: asyncio.Task[socket.socket] | None = None
         if connect_upstream is not None:
             self.connecting = loop.create_task(_call(connect_upstream))
@@ -188,7 +185,8 @@ class _Detection:
             ready.add(sock)
             wake()
 
-        watched = [self.client] if self.upstream is None else [self.client, self.upstream]
+        watched = ([self.client] if self.upstream is None or self.held
+                   else [self.client, self.upstream])
         for sock in watched:
             self.loop.add_reader(sock.fileno(), on_readable, sock)
         if self.connecting is not None:
@@ -219,14 +217,11 @@ class _Detection:
         except BlockingIOError:
             return None
         except OSError as error:  # reset before it said anything: no upstream after all
-            if self.early:  # it did say something: relay that, the reset follows
-                return self._result("opaque", "server-first")
             self.upstream.close()
             self.upstream, self.upstream_error = None, error
             return None
-        if data and len(self.early) + len(data) <= SERVER_FIRST_READ_BYTES and \
-                h2_server_preface(self.early + data) is not False:
-            self.early += data  # an h2c server greeting: the client still decides
+        if is_http2_server_preface(data):  # not a server-first protocol: ask the client
+            self.held = data
             return None
         return self._result("opaque", "server-first", data)
 
@@ -270,16 +265,18 @@ class _Detection:
             self._take_connect(self.connecting)
         if self.upstream is not None:
             early = _server_spoke(self.upstream)
-            spoke = self.early + early
-            if protocol == "http2" and spoke and h2_server_preface(spoke) is not False:
-                return self._result(protocol, reason, early)  # its preface, for the engine
-            if spoke:  # an HTTP/1 server never speaks first: whatever this is, relay it
-                return self._result("opaque", "server-first", early)
+            if self.held and protocol == "http2":  # an HTTP/2 server for an HTTP/2 client
+                self.held += early
+            elif early or self.held:
+                # An HTTP/1 server never speaks first, and an HTTP/2 server does not suit
+                # an HTTP/1 client: whatever this is, relay it.
+                self.held += early
+                return self._result("opaque", "server-first")
         return self._result(protocol, reason)
 
     def _result(self, protocol: Protocol, reason: Reason, upstream_data: bytes = b"") -> Classified:
         return Classified(protocol, bytes(self.buffer), reason, self.upstream,
-                          self.early + upstream_data, self.upstream_error)
+                          self.held + upstream_data, self.upstream_error)
 
     async def _drop_upstream(self) -> None:
         if self.upstream is not None:

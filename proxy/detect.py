@@ -58,11 +58,6 @@ DEFAULT_OPAQUE_PORTS: Final = frozenset(
 
 # RFC 9113 section 3.4: the client connection preface starts with this exact sequence.
 HTTP2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# RFC 9113 sections 3.4, 4.1, 6.5: the server's preface is a SETTINGS frame (type 0x4)
-# on stream 0, not an ACK, its length a multiple of 6 (one identifier and value each).
-H2_FRAME_HEADER_BYTES: Final = 9
-H2_SETTINGS: Final = 0x4
-H2_SETTING_BYTES: Final = 6
 
 # RFC 8446 5.1: ContentType handshake(22), legacy_record_version 0x0301 (an initial
 # ClientHello may say TLS 1.0) or 0x0303; 0x0300-0x0304 are accepted as 3.x. Then the
@@ -97,24 +92,6 @@ def detect(data: bytes) -> Protocol | None:
     if verdict is False:
         return "opaque"
     return "http1" if len(data) >= MAX_DETECT_BYTES else None
-
-
-def h2_server_preface(data: bytes) -> bool | None:
-    """Do a server's first bytes begin as an HTTP/2 server preface (a SETTINGS frame)?
-    None while fewer than a frame header's 9 bytes are consistent with one. An h2c
-    server (grpcio, nginx ``http2``) sends it as soon as it accepts, before the client's
-    preface arrives: the one server greeting that must not make a connection opaque."""
-    head = data[:H2_FRAME_HEADER_BYTES]
-    size = len(head)
-    if size > 3 and head[3] != H2_SETTINGS:
-        return False
-    if size > 4 and head[4] != 0:
-        return False
-    if size > 5 and any(head[5:]):
-        return False
-    if size < H2_FRAME_HEADER_BYTES:
-        return None
-    return int.from_bytes(head[:3], "big") % H2_SETTING_BYTES == 0
 
 
 def _http1(data: bytes) -> bool | None:
@@ -165,3 +142,11 @@ def detect_tls(data: bytes) -> bool | None:
     if not all(checks):
         return False
     return True if len(data) >= TLS_DETECT_BYTES else None
+
+
+def is_http2_server_preface(data: bytes) -> bool:
+    """``data`` starts with what an HTTP/2 server may send before the client said
+    anything: its connection preface, a SETTINGS frame (RFC 9113 3.4: type 0x4, no ACK
+    flag, stream 0, a length that is a multiple of 6). gRPC servers send it at once."""
+    return (len(data) >= 9 and data[3] == 0x4 and data[4] == 0 and data[5:9] == b"\0\0\0\0"
+            and int.from_bytes(data[:3], "big") % 6 == 0)

@@ -180,6 +180,7 @@ class Inbound:
             await serve_http1(client, peer.ctx, initial)
             return
         elif result.protocol == "http2":
+            peer = self.plain
             if result.upstream is not None:
                 await self.h2pool.adopt(peer.target.endpoint.key, result.upstream,
                                         result.upstream_data)
@@ -213,8 +214,9 @@ class Inbound:
 
     async def _terminate(self, client: socket.socket, initial: bytes,
                          app: socket.socket | None, app_data: bytes = b"") -> None:
-        """TLS for this proxy's identity: handshake, then by ALPN to the app.
-        ``app_data``: what the app already said (an h2c server's preface, accept.py)."""
+        """TLS for this proxy's identity: handshake, then by ALPN to the app. ``app_data``:
+        what the app sent already (an HTTP/2 server's SETTINGS): only HTTP/2 can use that
+        connection then; the other protocols connect again."""
         loop = asyncio.get_running_loop()
         assert self.identity is not None
         try:
@@ -230,9 +232,7 @@ class Inbound:
         self.tls_terminated += 1
         peer = self.client(peer_identity(connection.ssl_object) or "")
         alpn = connection.ssl_object.selected_alpn_protocol()
-        if app_data and app is not None and alpn in (tls.ALPN_HTTP1, None):
-            # An h2c server's greeting: of no use to HTTP/1, and a relay after sniffing
-            # opens its own connection (the server greets that one too).
+        if app is not None and app_data and alpn != tls.ALPN_HTTP2:
             app.close()
             app = None
         if alpn == tls.ALPN_HTTP1:
@@ -246,7 +246,7 @@ class Inbound:
             connection.attach(ServerConnection(peer.h2ctx))
             return
         if alpn == tls.ALPN_OPAQUE:
-            await self._relay(connection, app, peer, b"", app_data=app_data)
+            await self._relay(connection, app, peer, b"")
             return
         # No ALPN: a TLS client that is not a Shoal proxy. Detect on the plaintext.
         sniff = _Sniff(self.config.detect_timeout)
@@ -262,6 +262,14 @@ class Inbound:
             connection.transport.resume_reading()
             server.connection_made(connection.transport)
             return
+        if protocol == "http2":  # a CONNECT tunnel's HTTP/2 (grpc_proxy), for one
+            if app is not None:
+                await self.h2pool.adopt(peer.target.endpoint.key, app)
+            h2server = ServerConnection(peer.h2ctx, data)
+            connection.transport.set_protocol(h2server)
+            connection.transport.resume_reading()
+            h2server.connection_made(connection.transport)
+            return
         if protocol == "closed":
             if app is not None:
                 app.close()
@@ -269,8 +277,7 @@ class Inbound:
         await self._relay(connection, app, peer, data, eof=sniff.eof)
 
     async def _relay(self, connection: tls.TlsConnection, app: socket.socket | None,
-                     peer: _Peer, initial: bytes, eof: bool = False,
-                     app_data: bytes = b"") -> None:
+                     peer: _Peer, initial: bytes, eof: bool = False) -> None:
         if app is None:
             try:
                 app = await self.connect()
@@ -280,7 +287,7 @@ class Inbound:
                 connection.abort()
                 return
         peer.opaque_tcp.opened()
-        relay = Relay(peer.opaque_tcp, client_initial=initial, upstream_initial=app_data)
+        relay = Relay(peer.opaque_tcp, client_initial=initial)
         if connection.app is None:
             connection.attach(relay.client)
         else:  # after _Sniff: take over the transport (and the EOF it may have seen)
@@ -307,7 +314,7 @@ def mesh_suffix(identity: str) -> str:
 
 class _Sniff(asyncio.Protocol):
     """Detection on decrypted bytes, for a TLS client that offered no ALPN protocol:
-    reads until ``detect`` decides (HTTP/1, else opaque) or the timeout, then pauses
+    reads until ``detect`` decides (HTTP/1, HTTP/2, else opaque) or the timeout, then pauses
     and hands back what it read."""
 
     def __init__(self, timeout: float) -> None:
@@ -325,7 +332,7 @@ class _Sniff(asyncio.Protocol):
         self.buffer += data
         verdict = detect(bytes(self.buffer[:MAX_DETECT_BYTES]))
         if verdict is not None:
-            self._decide("http1" if verdict == "http1" else "opaque")
+            self._decide(verdict if verdict in ("http1", "http2") else "opaque")
 
     def eof_received(self) -> bool:
         self.eof = True

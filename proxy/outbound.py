@@ -510,8 +510,7 @@ class PortMapped:
                 if meshed:  # the pool opens its own TLS connection (ALPN h2)
                     result.upstream.close()
                 else:
-                    await self.h2pool.adopt(state.key, result.upstream,
-                                            result.upstream_data)
+                    await self.h2pool.adopt(state.key, result.upstream, result.upstream_data)
             await serve_http2(client, self.h2ctx, result.client_data)
             return
         if result.upstream is None or state is None:

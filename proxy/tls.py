@@ -13,7 +13,7 @@ detection after the handshake:
   opaque ports); the server proxy connects to the app at once and relays, so protocols
   in which the server speaks first work through it.
 A client that offers none of them (a TLS client with a mesh certificate that is not a
-Shoal proxy) gets detection on the decrypted bytes (HTTP/1, else opaque).
+Shoal proxy) gets detection on the decrypted bytes (HTTP/1, HTTP/2, else opaque).
 
 The inbound side terminates TLS only when the ClientHello's SNI is the proxy's own
 identity (the client proxy sends the identity discovery gave it, as Linkerd's does);

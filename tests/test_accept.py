@@ -363,3 +363,30 @@ def test_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+async def test_http2_server_settings_first_wait_for_the_client() -> None:
+    """A gRPC server sends its SETTINGS at once: not a server-first protocol. Detection
+    waits for the client, and hands the server's bytes back with the HTTP/2 verdict."""
+    settings = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"
+
+    async def h2_server(sock: socket.socket) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, settings)
+        await recv_all(sock)
+
+    loop = asyncio.get_running_loop()
+    async with tcp_server(h2_server) as port:
+        outside, accepted = await tcp_pair()
+        with outside, accepted:
+            async def connector() -> socket.socket:
+                return await connect_tcp(loop, LOOPBACK, port, 1.0)
+
+            task = asyncio.create_task(classify(loop, accepted, opaque=False,
+                                                connect_upstream=connector, timeout=5.0))
+            await asyncio.sleep(0.2)  # the server's SETTINGS arrive first
+            assert not task.done()
+            await send_all(outside, HTTP2_PREFACE)
+            result = await task
+            assert result.protocol == "http2" and result.upstream_data == settings
+            assert result.upstream is not None
+            result.upstream.close()

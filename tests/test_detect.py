@@ -13,7 +13,7 @@ from shoal.proxy.detect import (
     MAX_DETECT_BYTES,
     MAX_METHOD_BYTES,
     detect,
-    h2_server_preface,
+    is_http2_server_preface,
 )
 
 HTTP1_REQUESTS = [
@@ -89,17 +89,16 @@ def test_http2_preface() -> None:
     assert detect(b"PRI * HTTP/2.0\r\n\r\nXX") == "opaque"
 
 
-def test_h2_server_preface() -> None:
+def test_http2_server_preface() -> None:
     settings = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"
-    assert h2_server_preface(settings) is True
-    assert h2_server_preface(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00") is True  # empty
-    for prefix in prefixes(settings[:9]):
-        assert h2_server_preface(prefix) is None, prefix
-    assert h2_server_preface(b"\x00\x00\x00\x04\x01") is False  # an ACK is no preface
-    assert h2_server_preface(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00") is False  # length
-    assert h2_server_preface(b"\x00\x00\x06\x04\x00\x00\x00\x00\x01") is False  # stream
-    for greeting in (b"220 ready\r\n", b"INFO {}\r\n", b"\x4a\x00\x00\x00\x0a8.0"):
-        assert h2_server_preface(greeting) is False, greeting
+    assert is_http2_server_preface(settings)
+    assert is_http2_server_preface(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # empty
+    assert not is_http2_server_preface(settings[:8])  # not a whole frame header yet
+    assert not is_http2_server_preface(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")  # ACK
+    assert not is_http2_server_preface(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00")  # length
+    assert not is_http2_server_preface(b"\x00\x00\x06\x04\x00\x00\x00\x00\x01")  # stream
+    for greeting in (b"220 ready\r\n", b"INFO {}\r\n", b"\x4a\x00\x00\x00\x0a8.0.36\x00"):
+        assert not is_http2_server_preface(greeting), greeting
 
 
 @pytest.mark.parametrize("data", OPAQUE_STARTS)

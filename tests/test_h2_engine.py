@@ -321,3 +321,24 @@ async def test_mutated_frames_end_cleanly(upstream: tuple[int, dict[str, int]],
         assert not errors, errors
     finally:
         loop.set_exception_handler(previous)
+
+
+async def test_ping_is_answered_and_oversized_headers_end_the_connection(
+        upstream: tuple[int, dict[str, int]]) -> None:
+    conn, transport = serve(context(upstream[0]))
+    client = Client()
+    client.conn.ping(b"shoal-h2")
+    conn.data_received(client.take())
+    await asyncio.sleep(0.01)
+    events = client.read(transport)
+    acks = [e for e in events if isinstance(e, h2.events.PingAckReceived)]
+    assert acks and acks[0].ping_data == b"shoal-h2"
+    # A header list over H2_MAX_HEADER_LIST_SIZE (64 KiB decoded): GOAWAY, then the close.
+    stream = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(stream, [(":method", "GET"), (":scheme", "http"), (":path", "/"),
+                                      (":authority", "up"), ("x-big", "v" * 70_000)])
+    conn.data_received(client.take())
+    await asyncio.sleep(0.01)
+    assert transport.closed
+    frames = _parse_frames(bytes(transport.out))
+    assert isinstance(frames[-1], GoAwayFrame) and frames[-1].error_code != 0

@@ -589,12 +589,9 @@ class ServerProtocol(asyncio.Protocol):
         ex.endpoint = endpoint
         target.on_dispatch(endpoint, now)
         target.on_complete(endpoint, now, now - ex.started, True)
-        head = ex.head
-        assert head is not None
-        obs = self.obs.request(target, endpoint, head.method, head.target, b"", head.headers,
-                               head.client_workload, ex.started)
-        obs.response_start(200, (), now)
-        obs.response_end((), now)
+        # An established tunnel is transport, not a request: what runs inside it is
+        # counted there (HTTP/2 per request, anything else as TCP), so `viz top` shows the
+        # app's calls, not a CONNECT row per channel. A refused CONNECT is still counted.
         conn.bind(self)
         conn.tunnel = True
         self.peer = conn

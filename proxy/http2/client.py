@@ -262,6 +262,9 @@ class H2Pool:
             conn = await asyncio.shield(task)
             if conn.has_capacity:
                 return conn
+            if conn.retired or conn.closing:  # not full: the peer closed it at once
+                raise UpstreamReset(f"{key[0]}:{key[1]} closed the new HTTP/2 connection "
+                                    f"(does it speak HTTP/2?)")
         raise EndpointBusy(f"{key[0]}:{key[1]}: no HTTP/2 stream free")
 
     def _connected(self, pool_key: PoolKey, task: asyncio.Task[ClientConnection]) -> None:
@@ -321,7 +324,7 @@ class H2Pool:
     async def adopt(self, key: EndpointKey, sock: socket.socket, initial: bytes = b"") -> None:
         """Take a socket connected to ``key`` (by detection) as an HTTP/2 connection,
         unless a pooled one has room already (then it is closed: streams share);
-        ``initial``: what the server already sent (its preface, read by detection)."""
+        ``initial``: what the server already sent (its SETTINGS)."""
         if self.ready(key) is not None:
             sock.close()
             return
