@@ -95,7 +95,8 @@ def _hooks(tap: TapSwitch) -> Callable[[int], None]:
                                HEADERS, b"demo/vote-bot", 1.0)
             obs.response_start(200, (), 1.001)
             obs.response_bytes += 10
-            obs.response_end(())
+            if obs.needs_end:
+                obs.response_end(())
     return run
 
 

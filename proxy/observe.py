@@ -9,9 +9,13 @@ How an engine uses them (the HTTP/1 engine in http1/server.py; HTTP/2 the same w
     conn = ctx.observer.connection(transport)            # once per client connection
     obs = conn.request(target, endpoint, method, authority, path, headers,
                        client_workload, now, grpc=is_grpc)  # once per request, when sent
+    # or, saving an allocation: the engine's per-request object subclasses
+    # RequestObserver (the HTTP/1 Exchange does) and is started in place:
+    conn.start(exchange, target, endpoint, ...)          # exchange.begun is now True
     obs.response_start(status, headers, now)             # the final response head
     obs.response_bytes += len(chunk)                     # per body chunk
-    obs.response_end(trailers)                           # complete (grpc-status inside)
+    if obs.needs_end:                                    # gRPC or tapped only
+        obs.response_end(trailers)                       # complete (grpc-status inside)
     obs.fail(status_or_0, reset_error)                   # instead, at any point
 
 A TLS layer hands the engine ``observer.for_client(identity)`` instead of the room's
@@ -319,6 +323,16 @@ class ConnectionObserver:
     def request(self, target: Target | None, endpoint: EndpointRef | None, method: bytes,
                 authority: bytes, path: bytes, headers: Sequence[Header],
                 client: bytes | None, now: float, grpc: bool = False) -> RequestObserver:
+        """A new observer for a request on its way; see ``start``."""
+        obs = RequestObserver()
+        self.start(obs, target, endpoint, method, authority, path, headers, client, now,
+                   grpc)
+        return obs
+
+    def start(self, obs: RequestObserver, target: Target | None,
+              endpoint: EndpointRef | None, method: bytes, authority: bytes, path: bytes,
+              headers: Sequence[Header], client: bytes | None, now: float,
+              grpc: bool = False) -> None:
         """A request is on its way (``now``, monotonic): counted on its series, tapped
         if a session matches. ``client`` is the caller's ``shoal-client-workload``
         value (inbound); an identity from TLS wins over it."""
@@ -330,19 +344,24 @@ class ConnectionObserver:
         if target is None:
             metrics = NULL_COUNTER
         else:
-            route = observer.routes.label(method, path, grpc)
+            # RouteTable.label, inlined: this runs for every request.
+            paths = observer.routes._cache.get(b"" if grpc else method)
+            route = paths.get(path) if paths is not None else None
+            if route is None:
+                route = observer.routes.label(method, path, grpc)
             metrics = target.request_metrics(endpoint, route, client)
         metrics.request()
-        obs = RequestObserver()
+        obs.begun = True
         obs.metrics = metrics
         obs.started = now
         if grpc:
-            obs.grpc = True
+            obs.grpc = obs.needs_end = True
         tap = observer.tap
         if tap.active and tap.can_emit():
-            obs.tap = tap.request_start(self._info(target, endpoint, method, authority, path,
-                                                   headers, client))
-        return obs
+            record = obs.tap = tap.request_start(self._info(target, endpoint, method,
+                                                            authority, path, headers, client))
+            if record is not None:
+                obs.needs_end = True
 
     def _info(self, target: Target | None, endpoint: EndpointRef | None, method: bytes,
               authority: bytes, path: bytes, headers: Sequence[Header],
@@ -380,9 +399,11 @@ class RequestObserver:
     its end. Engines call ``response_start`` once, add body sizes to
     ``response_bytes``, then ``response_end``, or ``fail`` at any point.
 
-    Defaults live on the class (as the HTTP/1 engine's Exchange): a request writes only
-    what differs, which costs half of an ``__init__`` setting every field."""
+    Defaults live on the class (as the HTTP/1 engine's Exchange, which is one): a
+    request writes only what differs, which costs half of an ``__init__`` setting every
+    field, and an engine whose per-request object subclasses this pays no allocation."""
 
+    begun = False  # ConnectionObserver.start ran
     metrics: RequestCounter = NULL_COUNTER
     started = 0.0  # monotonic seconds the request was sent (or answered)
     grpc = False
@@ -392,24 +413,28 @@ class RequestObserver:
     latency_ms = 0.0
     observed = False  # the metrics counted the response
     response_bytes = 0
+    # Whether ``response_end`` has work (gRPC, or tapped): engines may skip the call.
+    needs_end = False
 
     @classmethod
     def new(cls, metrics: RequestCounter, started: float, grpc: bool = False) -> RequestObserver:
         obs = cls()
+        obs.begun = True
         obs.metrics = metrics
         obs.started = started
         if grpc:
-            obs.grpc = True
+            obs.grpc = obs.needs_end = True
         return obs
 
     def response_start(self, status: int, headers: Sequence[Header], now: float) -> None:
         """The response head (not interim 1xx) arrived at ``now`` (monotonic)."""
         self.status = status
-        latency = self.latency_ms = (now - self.started) * 1000.0
         if not self.grpc:  # gRPC is classified at the end, by its grpc-status
             self.observed = True
-            self.metrics.observe(status, None, latency, status < 500, now)
+            self.metrics.observe(status, None, (now - self.started) * 1000.0, status < 500,
+                                 now)
         else:
+            self.latency_ms = (now - self.started) * 1000.0
             self.grpc_status = grpc_status_of(headers)  # a trailers-only response
             if status != 200 or self.grpc_status is not None:
                 self._observe_grpc(now)

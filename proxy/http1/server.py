@@ -25,8 +25,9 @@ Rules the code keeps:
 * Time limits (request head, idle keep-alive, response head, stalled stream) are checked
   by ``Connections.sweep`` once a second rather than with a timer per request.
 * Metrics and tap see the connection through one ``observe.ConnectionObserver`` and each
-  request through one ``observe.RequestObserver`` (``Exchange.obs``); the engine only
-  reports events to them (sent, response head, body bytes, end, failure).
+  request through its ``Exchange``, which is an ``observe.RequestObserver`` (no extra
+  object per request); the engine only reports events to it (sent, response head, body
+  bytes, end, failure).
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ class ServerContext:
     tunnel_h2: TunnelH2 | None = None
 
 
-class Exchange:
-    """One request and its response on a client connection.
+class Exchange(RequestObserver):
+    """One request and its response on a client connection, and the request's metrics
+    and tap hooks (RequestObserver: ``begun`` once counted, ``response_start`` ...).
 
     Defaults live on the class: a new exchange costs one empty instance, and only what
     happens to it is written (the hot path makes several per request).
@@ -169,7 +171,6 @@ class Exchange:
     target: Target | None = None
     endpoint: EndpointRef | None = None
     upstream: UpstreamProtocol | None = None
-    obs: RequestObserver | None = None  # metrics and tap for this request
     task: asyncio.Task[None] | None = None
     pending: list[bytes] | None = None  # body bytes held until the upstream is attached
     pending_bytes = 0
@@ -243,8 +244,8 @@ class ServerProtocol(asyncio.Protocol):
             if ex.task is not None:
                 ex.task.cancel()
                 ex.task = None
-            if ex.obs is not None and not ex.done:
-                ex.obs.fail(0, "CANCEL")
+            if ex.begun and not ex.done:
+                ex.fail(0, "CANCEL")
             conn = ex.upstream
             if conn is not None:
                 # The client went away mid-exchange: not the endpoint's fault.
@@ -566,10 +567,9 @@ class ServerProtocol(asyncio.Protocol):
         if conn.write_paused:
             self.gate.pause(PEER_FULL)
         target.on_dispatch(endpoint, now)
-        if ex.obs is None:  # not again when a stale pooled connection is replaced
-            ex.obs = self.obs.request(target, endpoint, head.method,
-                                      head.host or target.authority, head.target,
-                                      head.headers, head.client_workload, now)
+        if not ex.begun:  # not again when a stale pooled connection is replaced
+            self.obs.start(ex, target, endpoint, head.method, head.host or target.authority,
+                           head.target, head.headers, head.client_workload, now)
             stamp = self.ctx.observer.stamp
             if stamp is not None:
                 head.headers.append(stamp)
@@ -634,7 +634,7 @@ class ServerProtocol(asyncio.Protocol):
         if not ex.balanced:
             ex.balanced = True
             ex.target.on_complete(ex.endpoint, now, rtt, success)  # type: ignore[union-attr,arg-type]
-        ex.obs.response_start(status, response.headers, now)  # type: ignore[union-attr]
+        ex.response_start(status, response.headers, now)
         if response.upgrade is not None:
             self._out += render_response_head(response, Body.NONE, False, head.minor)
             return False  # the switch follows (on_upstream_switched)
@@ -654,7 +654,7 @@ class ServerProtocol(asyncio.Protocol):
         ex = self.current
         if ex is None or ex.out_body is None:
             return
-        ex.obs.response_bytes += len(body)  # type: ignore[union-attr]
+        ex.response_bytes += len(body)
         if ex.out_body is Body.CHUNKED:
             self._out += (chunk_header(len(body)), body, CRLF)
         else:
@@ -666,7 +666,8 @@ class ServerProtocol(asyncio.Protocol):
             return
         if ex.out_body is Body.CHUNKED:
             self._out.append(last_chunk(trailers))
-        ex.obs.response_end(trailers)  # type: ignore[union-attr]
+        if ex.needs_end:  # gRPC or tapped
+            ex.response_end(trailers)
         # The fast path of _release + _finish + _advance for a kept-alive connection.
         ex.upstream = None
         self.peer = None
@@ -715,7 +716,7 @@ class ServerProtocol(asyncio.Protocol):
             self._fail(ex, error)
             return
         # Mid-body: the client's response is cut short; closing is all that is left.
-        ex.obs.fail(0, "INTERNAL_ERROR")  # type: ignore[union-attr]
+        ex.fail(0, "INTERNAL_ERROR")
         self._release(ex, conn, reusable=False)
         self.flush()
         self.abort()
@@ -727,7 +728,7 @@ class ServerProtocol(asyncio.Protocol):
             conn.abort()
             return
         self.flush()
-        ex.obs.response_end()  # type: ignore[union-attr]
+        ex.response_end()
         if tail:
             self.tunnel_write(tail)
         self.tunnel = True
@@ -828,21 +829,19 @@ class ServerProtocol(asyncio.Protocol):
             self._settle(ex, success=error.status < 500)
             self._release(ex, conn, reusable=False)
         head = ex.head
-        obs = ex.obs
-        if obs is None and head is not None:
+        if not ex.begun and head is not None:
             # Answered before any upstream was reached: counted (on the target's series
             # without endpoint labels, when routing got that far) and tapped all the same.
-            obs = ex.obs = self.obs.request(
-                ex.target, None, head.method, head.host or b"", head.target, head.headers,
-                head.client_workload, ex.started or monotonic())
+            self.obs.start(ex, ex.target, None, head.method, head.host or b"", head.target,
+                           head.headers, head.client_workload, ex.started or monotonic())
         if ex.out_body is not None:  # the response head already went out
-            if obs is not None:
-                obs.fail(0, "INTERNAL_ERROR")
+            if ex.begun:
+                ex.fail(0, "INTERNAL_ERROR")
             self.flush()
             self.abort()
             return
-        if obs is not None:
-            obs.fail(error.status)
+        if ex.begun:
+            ex.fail(error.status)
         # A request without a body is complete at its head, even if the error comes
         # before httptools reports the message complete.
         complete = ex.request_done or (head is not None and head.body is Body.NONE)
