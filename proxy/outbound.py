@@ -42,6 +42,7 @@ from . import tls
 from .accept import classify, connect_tcp
 from .balance import Balancer, EndpointState
 from .config import DirectionSettings, PortMapping, ProxyConfig, ServiceName
+from .dial import handshake_errors
 from .discover import Discovery
 from .errors import (
     BadAuthority,
@@ -51,7 +52,7 @@ from .errors import (
     UnknownService,
     UpstreamRefused,
 )
-from .http1.client import Pool, handshake_errors
+from .http1.client import Pool
 from .http1.framing import RequestHead, split_absolute_form
 from .http1.server import ServerContext
 from .http2.client import H2Pool

@@ -19,8 +19,8 @@ import pytest
 from shoal.kernel import pki
 from shoal.proxy import tls
 from shoal.proxy.detect import detect, detect_tls
+from shoal.proxy.dial import handshake_errors
 from shoal.proxy.errors import UpstreamIdentityMismatch
-from shoal.proxy.http1.client import handshake_errors
 from shoal.proxy.identity import Credentials, IdentityConfig, build_contexts, peer_identity
 from shoal.proxy.relay import Relay
 

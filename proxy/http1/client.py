@@ -22,25 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from .. import tls
-from ..accept import connect_tcp
+from ..dial import dial_plain, dial_tls
 from ..errors import (
-    IdentityUnavailable,
     ProxyError,
-    UpstreamConnectTimeout,
-    UpstreamIdentityMismatch,
     UpstreamMalformed,
-    UpstreamRefused,
-    UpstreamTlsFailed,
 )
-from ..identity import IdentityError, PeerIdentityMismatch, check_peer_identity
 from ..route import EndpointKey, NullTcpCounter, TcpCounter
 from .flow import PEER_FULL, WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW, ReadGate
 from .framing import RESPONSE_FIELDS, FieldScan
@@ -337,43 +329,12 @@ class Pool:
         UpstreamIdentityMismatch / UpstreamTlsFailed / IdentityUnavailable."""
         if identity and self.tls is not None:
             return await self._connect_tls(key, timeout, identity, self.tls, alpn)
-        loop = asyncio.get_running_loop()
-        host, port = key
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    lambda: UpstreamProtocol(self, key), host, port)
-        except TimeoutError:
-            raise UpstreamConnectTimeout(
-                f"connecting to {host}:{port} timed out after {timeout:g}s") from None
-        except OSError as error:
-            reason = error.strerror or type(error).__name__
-            raise UpstreamRefused(f"connecting to {host}:{port} failed: {reason}") from None
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return protocol
+        return await dial_plain(lambda: UpstreamProtocol(self, key), key, timeout)
 
     async def _connect_tls(self, key: EndpointKey, timeout: float, identity: str,
                            client: tls.ClientTls, alpn: tuple[str, ...]) -> UpstreamProtocol:
-        loop = asyncio.get_running_loop()
-        host, port = key
-        try:
-            context = client.client_context(alpn)
-        except IdentityError as error:
-            raise IdentityUnavailable(f"no TLS credentials for {identity} yet: "
-                                      f"{error.reason}") from None
-        try:
-            sock = await connect_tcp(loop, host, port, timeout)
-        except TimeoutError:
-            raise UpstreamConnectTimeout(
-                f"connecting to {host}:{port} timed out after {timeout:g}s") from None
-        except OSError as error:
-            reason = error.strerror or type(error).__name__
-            raise UpstreamRefused(f"connecting to {host}:{port} failed: {reason}") from None
-        connection = await handshake_errors(
-            tls.originate(loop, sock, context, identity, self.handshake_timeout),
-            f"{host}:{port}", identity)
+        connection = await dial_tls(client, key, timeout, identity, alpn,
+                                    self.handshake_timeout)
         self.handshakes += 1
         protocol = UpstreamProtocol(self, key, identity)
         connection.attach(protocol)
@@ -403,25 +364,3 @@ class Pool:
                 conn.close()
         self._idle.clear()
 
-
-async def handshake_errors(handshake: Awaitable[tls.TlsConnection], where: str,
-                           identity: str) -> tls.TlsConnection:
-    """Await a client handshake and check the peer is exactly ``identity``; failures
-    become the errors the client sees (502, with the reason)."""
-    try:
-        connection = await handshake
-    except ssl.SSLCertVerificationError as error:
-        raise UpstreamIdentityMismatch(
-            f"{where} is not {identity}: {error.verify_message}") from None
-    except TimeoutError:
-        raise UpstreamTlsFailed(f"TLS handshake with {where} timed out") from None
-    except (ssl.SSLError, OSError) as error:
-        raise UpstreamTlsFailed(f"TLS handshake with {where} ({identity}) failed: "
-                                f"{error}") from None
-    try:
-        check_peer_identity(connection.ssl_object, identity)
-    except PeerIdentityMismatch as error:
-        connection.abort()
-        raise UpstreamIdentityMismatch(f"{where} is not {identity}: it proved "
-                                       f"{error.actual or 'no identity'}") from None
-    return connection

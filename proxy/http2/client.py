@@ -11,7 +11,7 @@ its stream ids run out, or after ``pool_idle_timeout`` without streams.
 
 Endpoints with an identity (meshed: their proxy has a certificate) are reached over
 mutual TLS with ALPN ``h2`` when the pool has TLS (``tls_client``), the peer checked to
-be exactly the identity discovery gave (http1.client.handshake_errors); connections are
+be exactly the identity discovery gave (dial.handshake_errors); connections are
 kept per (endpoint, identity), so a changed identity never reuses an old connection.
 Others get h2c with prior knowledge over plain TCP.
 """
@@ -27,18 +27,13 @@ from time import monotonic
 from typing import Final
 
 from .. import tls
-from ..accept import connect_tcp
 from ..config import Http2Settings
+from ..dial import dial_plain, dial_tls
 from ..errors import (
     EndpointBusy,
-    IdentityUnavailable,
-    UpstreamConnectTimeout,
-    UpstreamRefused,
     UpstreamReset,
     UpstreamTlsFailed,
 )
-from ..http1.client import handshake_errors
-from ..identity import IdentityError
 from ..route import EndpointKey, NullTcpCounter, TcpCounter
 from .codec import (
     NO_ERROR,
@@ -276,43 +271,13 @@ class H2Pool:
                        identity: str) -> ClientConnection:
         if identity and self.tls is not None:
             return await self._connect_tls(key, timeout, identity, self.tls)
-        loop = asyncio.get_running_loop()
-        host, port = key
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    lambda: ClientConnection(self, key), host, port)
-        except TimeoutError:
-            raise UpstreamConnectTimeout(
-                f"connecting to {host}:{port} timed out after {timeout:g}s") from None
-        except OSError as error:
-            reason = error.strerror or type(error).__name__
-            raise UpstreamRefused(f"connecting to {host}:{port} failed: {reason}") from None
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return protocol
+        return await dial_plain(lambda: ClientConnection(self, key), key, timeout)
 
     async def _connect_tls(self, key: EndpointKey, timeout: float, identity: str,
                            client: tls.ClientTls) -> ClientConnection:
-        loop = asyncio.get_running_loop()
         host, port = key
-        try:
-            context = client.client_context(H2_ALPN)
-        except IdentityError as error:
-            raise IdentityUnavailable(f"no TLS credentials for {identity} yet: "
-                                      f"{error.reason}") from None
-        try:
-            sock = await connect_tcp(loop, host, port, timeout)
-        except TimeoutError:
-            raise UpstreamConnectTimeout(
-                f"connecting to {host}:{port} timed out after {timeout:g}s") from None
-        except OSError as error:
-            reason = error.strerror or type(error).__name__
-            raise UpstreamRefused(f"connecting to {host}:{port} failed: {reason}") from None
-        connection = await handshake_errors(
-            tls.originate(loop, sock, context, identity, self.handshake_timeout),
-            f"{host}:{port}", identity)
+        connection = await dial_tls(client, key, timeout, identity, H2_ALPN,
+                                    self.handshake_timeout)
         if connection.ssl_object.selected_alpn_protocol() != tls.ALPN_HTTP2:
             connection.abort()
             raise UpstreamTlsFailed(f"{host}:{port} ({identity}) did not take HTTP/2 (ALPN)")
