@@ -22,7 +22,7 @@ from .http1.server import ServerContext
 from .listen import adopt, refuse_http2, serve_http1
 from .observe import RouteSeries
 from .opaque import forward_opaque
-from .route import TLS_LABELS, FixedRouter, FixedTarget
+from .route import NULL_COUNTER, TLS_LABELS, FixedRouter, FixedTarget
 from .runtime import Runtime
 
 log = logging.getLogger("shoal.proxy.inbound")
@@ -46,8 +46,7 @@ class Inbound:
         # One series per route and caller (src_namespace/src_workload from the
         # shoal-client-workload field the caller's proxy stamps; observe.py).
         self.target = FixedTarget(
-            self.host, self.port, self.pool, metrics.request_metrics("inbound", labels),
-            config.inbound.connect_timeout,
+            self.host, self.port, self.pool, NULL_COUNTER, config.inbound.connect_timeout,
             series=RouteSeries(metrics, "inbound", labels),
             peer=observer.local_peer(self.host, self.port))
         self.ctx = ServerContext(
