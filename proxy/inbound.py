@@ -48,7 +48,7 @@ from .metrics import TcpMetrics
 from .observe import Observer, RouteSeries
 from .opaque import forward_opaque
 from .relay import Relay
-from .route import FixedRouter, FixedTarget
+from .route import NULL_COUNTER, FixedRouter, FixedTarget
 from .runtime import Runtime
 
 log = logging.getLogger("shoal.proxy.inbound")
@@ -67,7 +67,7 @@ class _Peer:
         config, metrics = inbound.config, inbound.runtime.metrics
         full = {"target_addr": inbound.target_addr, **labels}
         self.target = FixedTarget(inbound.host, inbound.port, inbound.pool,
-                                  metrics.request_metrics("inbound", full),
+                                  NULL_COUNTER,  # every request counts by route
                                   config.inbound.connect_timeout,
                                   series=RouteSeries(metrics, "inbound", full),
                                   peer=inbound.app_peer)
